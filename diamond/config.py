@@ -1,0 +1,320 @@
+"""Typed configuration, read from `params.yaml` alone.
+
+Every knob of the method lives in one dataclass below, named as in the paper. There are no
+defaults here: `params.yaml` (small scale) and `configs/paper.yaml` (the paper's scale) give
+every value, and a missing, unknown or mistyped key is a one-line error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A malformed params file: the message names the bad key or value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Atari 100k protocol (DESIGN 2)."""
+
+    frame_skip: int  # action repeat, max-pooled over the last two raw frames
+    max_noops: int  # 1..max_noops random no-ops at reset
+    max_episode_frames: int  # truncation, in raw frames (108,000)
+    obs_size: int  # square RGB observations
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """Initial collection with the uniform policy (DESIGN 3.5)."""
+
+    min_steps: int
+    max_steps: int
+    chunk_steps: int
+    min_minority_rewards: int  # stop once the minority reward classes hold this many
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up and gradient clipping (DESIGN 3.5)."""
+
+    lr: float
+    eps: float
+    weight_decay: float
+    warmup_steps: int
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """EDM denoiser D and its U-Net F (DESIGN 3.2)."""
+
+    formulation: str  # "edm" or "ddpm" (the paper's ablation)
+    num_conditioning_frames: int  # L = 4
+    cond_channels: int  # conditioning vector size (256)
+    channels: list[int]  # U-Net channels per level
+    depths: list[int]  # residual blocks per level
+    attention: list[bool]  # self-attention per level
+    num_groups_channels: int  # GroupNorm group size in channels (32)
+    sigma_data: float
+    sigma_offset_noise: float
+    train_log_sigma_loc: float
+    train_log_sigma_scale: float
+    train_sigma_min: float
+    train_sigma_max: float
+    ddpm_num_timesteps: int  # DDPM ablation only
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Karras schedule and Euler/Heun solver (DESIGN 3.2)."""
+
+    num_steps: int
+    sigma_min: float
+    sigma_max: float
+    rho: float
+    order: int  # 1 = Euler, 2 = Heun
+    s_churn: float
+    s_tmin: float
+    s_tmax: float
+    s_noise: float
+    quantize: bool  # 8-bit quantization of the denoised estimate
+
+
+@dataclass(frozen=True)
+class RewardEndConfig:
+    """Reward/termination model R (DESIGN 3.3)."""
+
+    channels: list[int]
+    depths: list[int]
+    cond_channels: int
+    lstm_dim: int
+    segment_length: int  # imagination horizon + conditioning frames (19)
+
+
+@dataclass(frozen=True)
+class WorldModelConfig:
+    """The first epoch's world-model training (stage train-world-model)."""
+
+    denoiser: DenoiserConfig
+    sampler: SamplerConfig
+    reward_end: RewardEndConfig
+    denoiser_optimizer: OptimizerConfig
+    reward_end_optimizer: OptimizerConfig
+    batch_size: int
+    denoiser_steps: int  # first epoch: 10,000
+    reward_end_steps: int  # first epoch: 10,000
+    checkpoint_every_steps: int
+    log_every_steps: int
+
+
+@dataclass(frozen=True)
+class ActorCriticConfig:
+    """Actor-critic trained in imagination (DESIGN 3.4)."""
+
+    channels: list[int]
+    lstm_dim: int
+    horizon: int
+    gamma: float
+    lambda_: float
+    entropy_weight: float
+    value_loss_weight: float
+    batch_size: int
+    optimizer: OptimizerConfig
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The epoch loop after the first world-model epoch (stage train-agent, DESIGN 3.5)."""
+
+    total_env_steps: int  # real-interaction budget, initial collection included
+    collect_steps_per_epoch: int
+    epsilon: float
+    first_epoch_actor_critic_steps: int
+    denoiser_steps_per_epoch: int
+    reward_end_steps_per_epoch: int
+    actor_critic_steps_per_epoch: int
+    final_epochs_without_collection: int
+    test_every_epochs: int
+    test_episodes: int
+    checkpoint_every_epochs: int
+    model_free: bool  # the paper's ablation: actor-critic on real data only
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Final scoring and world-model fidelity (stage evaluate)."""
+
+    episodes: int  # 100 at paper scale
+    epsilon: float  # 0 at paper scale
+    fidelity_episodes: int  # held-out real episodes for open-loop imagination
+    fidelity_horizons: list[int]  # e.g. [15, 50]
+    gif_frames: int
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """Score tables beside the published baselines (stage aggregate)."""
+
+    method_name: str  # this project's column in the tables
+    reference_methods: list[str]
+    bootstrap_reps: int
+    confidence: float
+
+
+@dataclass(frozen=True)
+class Params:
+    games: list[str]
+    seeds: list[int]
+    device: str  # "cpu", "cuda", or "auto"
+    env: EnvConfig
+    collect: CollectConfig
+    world_model: WorldModelConfig
+    actor_critic: ActorCriticConfig
+    agent: AgentConfig
+    evaluate: EvaluateConfig
+    aggregate: AggregateConfig
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    yaml_names = {_yaml_name(n): n for n in fields}
+    unknown = sorted(set(data) - set(yaml_names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {sorted(yaml_names)}")
+    missing = sorted(k for k in yaml_names if k not in data)
+    if missing:
+        raise ConfigError(f"{where}: missing key {missing[0]!r}")
+    kwargs = {}
+    for key, value in data.items():
+        name = yaml_names[key]
+        kwargs[name] = _convert(hints[name], value, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _yaml_name(field_name: str) -> str:
+    # `lambda` is a Python keyword, so the field is `lambda_` and the YAML key is `lambda`.
+    return field_name.rstrip("_")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: union types are not supported in the config")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML reads `1e-4` (no dot) as a string; accept it when it parses as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp!r}")
+
+
+def _validate(p: Params) -> None:
+    from diamond.env import ATARI_100K_GAMES
+
+    for g in p.games:
+        if g not in ATARI_100K_GAMES:
+            raise ConfigError(f"games: unknown game {g!r}; allowed: {', '.join(ATARI_100K_GAMES)}")
+    if not p.games or not p.seeds:
+        raise ConfigError("games and seeds must each list at least one entry")
+    if p.device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"device: {p.device!r} is not one of 'cpu', 'cuda', 'auto'")
+    if p.world_model.denoiser.formulation not in ("edm", "ddpm"):
+        raise ConfigError(
+            f"world_model.denoiser.formulation: {p.world_model.denoiser.formulation!r} is not 'edm' or 'ddpm'"
+        )
+    if p.world_model.sampler.order not in (1, 2):
+        raise ConfigError(f"world_model.sampler.order: {p.world_model.sampler.order!r} is not 1 (Euler) or 2 (Heun)")
+    if p.collect.min_steps > p.collect.max_steps:
+        raise ConfigError(
+            f"collect.min_steps ({p.collect.min_steps}) must not exceed collect.max_steps ({p.collect.max_steps})"
+        )
+
+
+def params_from_dict(data: Any, source: str = "params") -> Params:
+    params = _build(Params, data, "")
+    _validate(params)
+    return params
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and check a params file; raise ConfigError with a one-line message on any problem."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return params_from_dict(data, str(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict:
+    """The params as plain data with YAML key names (for logging and hashing)."""
+    d = dataclasses.asdict(obj)
+    return _rename(d)
+
+
+def _rename(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {_yaml_name(k): _rename(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_rename(v) for v in d]
+    return d
+
+
+def params_hash(obj: Any) -> str:
+    """A stable hash of a config section, for tagging runs with exactly what they read."""
+    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`, for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,49 @@
+"""What every stage entry point shares: arguments, params, device, errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+
+from diamond.config import ConfigError, Params, load_params
+from diamond.io import ArtifactError
+
+
+def base_parser(description: str, per_run: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if per_run:
+        p.add_argument("--game", required=True, help="Atari 100k game, e.g. Breakout")
+        p.add_argument("--seed", required=True, type=int, help="run seed")
+    return p
+
+
+def load_checked_params(args: argparse.Namespace) -> Params:
+    params = load_params(args.params)
+    game = getattr(args, "game", None)
+    if game is not None:
+        from diamond.env import ATARI_100K_GAMES
+
+        if game not in ATARI_100K_GAMES:
+            raise ConfigError(f"--game: unknown game {game!r}; allowed: {', '.join(ATARI_100K_GAMES)}")
+    return params
+
+
+def resolve_device(params: Params) -> torch.device:
+    if params.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if params.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(params.device)
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a stage; bad input exits with status 2 and one line on stderr, not a traceback."""
+    try:
+        main()
+    except (ConfigError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
