@@ -1,0 +1,49 @@
+"""Shared test fixtures: the tiniest params that still run every code path for real."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diamond.config import Params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_params_dict() -> dict:
+    """params.yaml shrunk to seconds per stage; tests override further keys as they need."""
+    d = yaml.safe_load((ROOT / "params.yaml").read_text())
+    d = copy.deepcopy(d)
+    d["games"], d["seeds"], d["device"] = ["Breakout"], [0], "cpu"
+    d["collect"].update(min_steps=200, max_steps=400, chunk_steps=100, min_minority_rewards=1)
+    den = d["world_model"]["denoiser"]
+    den.update(cond_channels=32, channels=[16, 16], depths=[1, 1], attention=[False, False], num_groups_channels=16)
+    d["world_model"]["reward_end"].update(channels=[8, 8], depths=[1, 1], cond_channels=16, lstm_dim=16)
+    d["world_model"].update(batch_size=4, denoiser_steps=6, reward_end_steps=6, checkpoint_every_steps=3, log_every_steps=2)
+    d["actor_critic"].update(channels=[8, 8, 8, 8], lstm_dim=16, batch_size=4, horizon=4)
+    d["agent"].update(
+        total_env_steps=400, collect_steps_per_epoch=50, first_epoch_actor_critic_steps=4,
+        denoiser_steps_per_epoch=2, reward_end_steps_per_epoch=2, actor_critic_steps_per_epoch=2,
+        final_epochs_without_collection=1, test_every_epochs=1, test_episodes=1, checkpoint_every_epochs=1,
+    )
+    d["evaluate"].update(episodes=2, fidelity_episodes=1, fidelity_horizons=[1, 3], gif_frames=8)
+    d["aggregate"].update(bootstrap_reps=50)
+    return d
+
+
+def write_params(path: Path, d: dict) -> Path:
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_params() -> Params:
+    return params_from_dict(tiny_params_dict())
+
+
+@pytest.fixture
+def tiny_params_file(tmp_path: Path) -> Path:
+    return write_params(tmp_path / "params.yaml", tiny_params_dict())
