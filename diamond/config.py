@@ -97,6 +97,7 @@ class RewardEndConfig:
     channels: list[int]
     depths: list[int]
     cond_channels: int
+    num_groups_channels: int  # GroupNorm group size in channels (32)
     lstm_dim: int
     segment_length: int  # imagination horizon + conditioning frames (19)
 
@@ -168,6 +169,7 @@ class AggregateConfig:
     method_name: str  # this project's column in the tables
     reference_methods: list[str]
     bootstrap_reps: int
+    bootstrap_seed: int  # rliable resamples with numpy's global RNG; seeded for reproducible CIs
     confidence: float
 
 

@@ -1,4 +1,35 @@
-"""Atari 100k environment (DESIGN 2). Owned by issue 2; this stub holds the game list only."""
+"""Atari 100k environment (DESIGN 2).
+
+`make_env(game, seed, train, config)` gives a gymnasium environment over raw ALE frames
+(frameskip 1 at the ALE level, no sticky actions, minimal action set) with the Atari 100k
+preprocessing done here in one place: 1..max_noops random no-ops at reset, action repeat with a
+max over the last two raw frames, an area resize to obs_size x obs_size RGB (the interpolation of
+gymnasium's `AtariPreprocessing`), termination on life loss in training only, truncation at
+`max_episode_frames` raw frames, raw rewards.
+
+It drives the ALE interface directly rather than stacking gymnasium wrappers: only the two frames
+that are max-pooled are copied out of the emulator, which keeps collection and evaluation fast.
+
+In training, an episode that ended on a life loss (game not over) continues the same game at the
+next `reset()`, as the usual episodic-life protocol does, so the data are not biased towards the
+start of games. `info["game_score"]` is the raw score of the whole game so far (all lives).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import ale_py
+import cv2
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+
+from diamond.config import ConfigError, EnvConfig
+
+gymnasium.register_envs(ale_py)
 
 # The 26 games of Atari 100k, by the short names used in the reference score files.
 ATARI_100K_GAMES: tuple[str, ...] = (
@@ -7,3 +38,139 @@ ATARI_100K_GAMES: tuple[str, ...] = (
     "Jamesbond", "Kangaroo", "Krull", "KungFuMaster", "MsPacman", "Pong", "PrivateEye", "Qbert",
     "RoadRunner", "Seaquest", "UpNDown",
 )
+
+
+def rom_id(game: str) -> str:
+    """ALE's ROM id of a short game name: "MsPacman" -> "ms_pacman"."""
+    check_game(game)
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", game).lower()
+
+
+def check_game(game: str) -> None:
+    if game not in ATARI_100K_GAMES:
+        raise ConfigError(f"unknown game {game!r}; allowed: {', '.join(ATARI_100K_GAMES)}")
+
+
+def check_env_config(config: EnvConfig) -> None:
+    if config.frame_skip < 1:
+        raise ConfigError(f"env.frame_skip: {config.frame_skip} must be >= 1")
+    if config.max_noops < 0:
+        raise ConfigError(f"env.max_noops: {config.max_noops} must be >= 0")
+    if config.max_episode_frames < 1:
+        raise ConfigError(f"env.max_episode_frames: {config.max_episode_frames} must be >= 1")
+    if config.obs_size < 1:
+        raise ConfigError(f"env.obs_size: {config.obs_size} must be >= 1")
+
+
+@functools.lru_cache(maxsize=None)
+def num_actions(game: str) -> int:
+    """Size of the game's minimal action set."""
+    ale = ale_py.ALEInterface()
+    ale.setLoggerMode(ale_py.LoggerMode.Error)
+    ale.loadROM(ale_py.roms.get_rom_path(rom_id(game)))
+    return len(ale.getMinimalActionSet())
+
+
+class AtariEnv(gymnasium.Env):
+    """One Atari 100k game; observations uint8 (obs_size, obs_size, 3) HWC."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, game: str, seed: int, train: bool, config: EnvConfig) -> None:
+        check_game(game)
+        check_env_config(config)
+        self.game, self.train, self.config = game, train, config
+        # ALE's own truncation counts raw frames since the real reset, no-ops included.
+        self._atari = ale_py.env.AtariEnv(
+            game=rom_id(game), obs_type="rgb", frameskip=1, repeat_action_probability=0.0,
+            full_action_space=False, max_num_frames_per_episode=config.max_episode_frames,
+        )
+        self.ale = self._atari.ale
+        self._action_set = self.ale.getMinimalActionSet()
+        h, w = self.ale.getScreenDims()
+        self._screen = np.empty((h, w, 3), dtype=np.uint8)
+        self._prev_screen = np.empty((h, w, 3), dtype=np.uint8)
+        size = config.obs_size
+        self.observation_space = spaces.Box(0, 255, (size, size, 3), dtype=np.uint8)
+        self.action_space = spaces.Discrete(len(self._action_set))
+        self._seed: int | None = seed  # used by the first reset() that is given no seed
+        self._continue_game = False  # training: the last episode ended on a life loss
+        self._lives = 0
+        self._game_score = 0.0
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        if seed is None and self._seed is not None:
+            seed = self._seed
+        self._seed = None
+        if self._continue_game and seed is None:
+            # Next life of the same game: no real reset, no no-ops.
+            self._continue_game = False
+            return self._observation(), self._info(life_loss=False, noops=0)
+        self._continue_game = False
+        # Seeds ALE and the no-op generator exactly as gymnasium's AtariEnv.reset does.
+        self._atari.reset(seed=seed)
+        noops = int(self._atari.np_random.integers(1, self.config.max_noops + 1)) if self.config.max_noops else 0
+        for _ in range(noops):
+            self.ale.act(self._action_set[0])
+            if self.ale.game_over(with_truncation=True):
+                self._atari.reset()
+        self.ale.getScreenRGB(self._screen)
+        self._lives = self.ale.lives()
+        self._game_score = 0.0
+        return self._observation(), self._info(life_loss=False, noops=noops)
+
+    def step(self, action: int):
+        if not 0 <= int(action) < len(self._action_set):
+            raise ValueError(f"action {action!r} is not in 0..{len(self._action_set) - 1}")
+        ale_action = self._action_set[int(action)]
+        skip = self.config.frame_skip
+        reward = 0.0
+        pooled = False
+        for i in range(skip):
+            reward += self.ale.act(ale_action)
+            if i == skip - 1 or self.ale.game_over(with_truncation=True):
+                self.ale.getScreenRGB(self._screen)
+                break
+            if i == skip - 2:
+                self.ale.getScreenRGB(self._prev_screen)
+                pooled = True
+        if pooled:
+            # Max over the last two raw frames removes the flicker of sprites drawn every other frame.
+            np.maximum(self._screen, self._prev_screen, out=self._screen)
+        lives = self.ale.lives()
+        life_loss = lives < self._lives
+        self._lives = lives
+        game_over = self.ale.game_over(with_truncation=False)
+        terminated = game_over or (self.train and life_loss)
+        truncated = self.ale.game_truncated() and not terminated
+        self._continue_game = self.train and terminated and not game_over and not truncated
+        self._game_score += reward
+        return self._observation(), float(reward), terminated, truncated, self._info(life_loss=life_loss)
+
+    def _observation(self) -> np.ndarray:
+        size = self.config.obs_size
+        return cv2.resize(self._screen, (size, size), interpolation=cv2.INTER_AREA)
+
+    def _info(self, life_loss: bool, noops: int | None = None) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "lives": self._lives,
+            "life_loss": life_loss,
+            "game_score": self._game_score,
+            "game_over": self.ale.game_over(with_truncation=True),
+            "episode_frame_number": self.ale.getEpisodeFrameNumber(),
+        }
+        if noops is not None:
+            info["noops"] = noops
+        return info
+
+    def get_action_meanings(self) -> list[str]:
+        return self._atari.get_action_meanings()
+
+    def close(self) -> None:
+        self._atari.close()
+
+
+def make_env(game: str, seed: int, train: bool, config: EnvConfig) -> gymnasium.Env:
+    """The Atari 100k environment of `game`; its first `reset()` is seeded with `seed`."""
+    return AtariEnv(game, seed, train, config)

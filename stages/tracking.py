@@ -1,33 +1,249 @@
 """MLflow tracking for stage runs (the library in diamond/ knows nothing of MLflow).
 
-One MLflow run per (stage, game, seed), tagged so that the UI can group and compare them.
-The default store is local (sqlite:///mlflow.db in the working directory); MLFLOW_TRACKING_URI
-points it at a shared server instead. Issue 6 owns and hardens this module.
+One MLflow run per (stage, game, seed). Every run is tagged with what makes it comparable and
+traceable: `stage`, `game`, `seed`, the git commit, a hash of the config sections the stage
+read, the DVC md5 of each input, and a `pipeline_id` shared by all runs of one pipeline
+invocation (search `tags.pipeline_id = '...'` to find them together).
+
+The default store is local: sqlite:///mlflow.db in the working directory. `snakemake -j N`
+runs stages in parallel processes against that one file, so this module makes SQLite safe
+for that: every transaction takes the write lock up front (BEGIN IMMEDIATE) and waits for it
+(busy timeout) instead of failing with "database is locked", store creation and schema
+migration happen under a file lock, and the few calls made here retry on a locked database.
+MLFLOW_TRACKING_URI points everything at a shared tracking server instead.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
+import sqlite3
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
+import sqlalchemy
+from sqlalchemy import event
 
 from diamond.config import flatten, params_hash, to_dict
 
 EXPERIMENT = "diamond-atari100k"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PIPELINE_ID_ENV = "DIAMOND_PIPELINE_ID"
+# How long a writer waits for another process's transaction before giving up (milliseconds).
+SQLITE_BUSY_TIMEOUT_MS = 120_000
+# Retries for the calls made here, on top of the busy timeout (backoff doubles from 0.1 s).
+LOCKED_RETRIES = 8
+INPUT_TAG_PREFIX = "dvc_md5."
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------
+# SQLite under parallel processes
+# ---------------------------------------------------------------------------------------
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    if not isinstance(dbapi_conn, sqlite3.Connection):
+        return
+    # pysqlite opens transactions lazily and as readers; a reader that later writes while
+    # another process writes gets "database is locked" at once (SQLite will not wait, as that
+    # could deadlock). Turning pysqlite's own handling off lets `_sqlite_on_begin` take the
+    # write lock at the start of each transaction, where waiting is safe.
+    dbapi_conn.isolation_level = None
+    dbapi_conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+
+
+def _sqlite_on_begin(conn: sqlalchemy.engine.Connection) -> None:
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _install_sqlite_hardening() -> None:
+    """Apply to every SQLAlchemy engine of this process (MLflow creates its own)."""
+    engine_cls = sqlalchemy.engine.Engine
+    if not event.contains(engine_cls, "connect", _sqlite_on_connect):
+        event.listen(engine_cls, "connect", _sqlite_on_connect)
+        event.listen(engine_cls, "begin", _sqlite_on_begin)
+
+
+_install_sqlite_hardening()
+
+
+def is_locked_error(e: BaseException) -> bool:
+    return "database is locked" in str(e) or "database is busy" in str(e)
+
+
+def retry_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call `fn`, retrying with backoff while SQLite reports a locked database."""
+    for attempt in range(LOCKED_RETRIES):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # MLflow wraps the SQLAlchemy error in its own exception types
+            if not is_locked_error(e) or attempt == LOCKED_RETRIES - 1:
+                raise
+            time.sleep(0.1 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive file lock beside a local SQLite store (no-op for servers).
+
+    Held while the store is opened, so that two processes never create the schema or the
+    experiment at the same time; the lock file name matches the `/mlflow.db-*` ignore rule.
+    """
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}-lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------
+# What identifies a run: commit, pipeline invocation, input hashes
+# ---------------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
 
 
 def git_commit() -> str:
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+def git_dirty() -> bool:
+    """Uncommitted changes to tracked files (generated files are gitignored)."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
+def params_file_from_argv(argv: list[str] | None = None) -> Path:
+    """The params file a stage was started with (`--params PATH`, default params.yaml)."""
+    argv = sys.argv if argv is None else argv
+    for i, a in enumerate(argv):
+        if a == "--params" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if a.startswith("--params="):
+            return Path(a.split("=", 1)[1])
+    return Path("params.yaml")
+
+
+def pipeline_id(params_file: Path | None = None) -> str:
+    """The id shared by all stage runs of one pipeline invocation.
+
+    Snakemake sets DIAMOND_PIPELINE_ID once per invocation; users may set it too. Without it
+    (`dvc repro`), runs of the same commit and the same params file share one id.
+    """
+    explicit = os.environ.get(PIPELINE_ID_ENV)
+    if explicit:
+        return explicit
+    path = params_file or params_file_from_argv()
+    digest = hashlib.md5(path.read_bytes()).hexdigest()[:10] if path.is_file() else "noparams"
+    return f"{git_commit()[:10]}-{digest}"
+
+
+def file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dvc_md5(path: str | Path) -> str:
+    """The md5 DVC 3 records for `path` in dvc.lock: the file's md5, or for a directory the
+    md5 of its sorted (relpath, md5) listing as JSON, suffixed `.dir`."""
+    path = Path(path)
+    if path.is_file():
+        return file_md5(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: input not found")
+    entries = [
+        {"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()}
+        for p in path.rglob("*")
+        if p.is_file()
+    ]
+    entries.sort(key=lambda e: e["relpath"])
+    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(listing).hexdigest() + ".dir"
+
+
+def input_tag_key(path: str | Path) -> str:
+    """A valid MLflow tag key naming an input: its path relative to the working directory."""
+    p = Path(path)
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
+        rel = p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        rel = "/".join(p.resolve().parts[-2:])
+    return INPUT_TAG_PREFIX + rel
+
+
+def params_hash_of(sections: dict[str, Any]) -> str:
+    parts = {k: (params_hash(v) if _is_dataclass(v) else v) for k, v in sections.items()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _is_dataclass(v: Any) -> bool:
+    return hasattr(v, "__dataclass_fields__")
+
+
+def run_tags(
+    stage: str,
+    sections: dict[str, Any],
+    game: str | None,
+    seed: int | None,
+    inputs: list[Path] | None,
+    params_file: Path | None = None,
+) -> dict[str, str]:
+    commit = git_commit()
+    tags = {
+        "stage": stage,
+        "git_commit": commit,
+        "git_dirty": str(git_dirty()).lower(),
+        "mlflow.source.git.commit": commit,  # shown by the MLflow UI
+        "params_hash": params_hash_of(sections),
+        "params_sections": ",".join(sorted(sections)),
+        "pipeline_id": pipeline_id(params_file),
+    }
+    if game is not None:
+        tags.update(game=game, seed=str(seed), run=f"{game}-{seed}")
+    for path in inputs or []:
+        tags[input_tag_key(path)] = dvc_md5(path)
+    return tags
+
+
+# ---------------------------------------------------------------------------------------
+# The stage run
+# ---------------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -37,22 +253,21 @@ def stage_run(
     game: str | None = None,
     seed: int | None = None,
     inputs: list[Path] | None = None,
+    params_file: Path | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start one MLflow run for a stage; `sections` are the config parts this stage reads."""
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+    """Start one MLflow run for a stage; `sections` are the config parts this stage reads.
+
+    The run ends FINISHED, or FAILED if the stage raises. `params_file` defaults to the
+    stage's `--params` argument.
+    """
+    uri = tracking_uri()
+    tags = run_tags(stage, sections, game, seed, inputs, params_file)
     name = stage if game is None else f"{stage}/{game}-{seed}"
-    tags = {"stage": stage, "git_commit": git_commit(), "params_hash": params_hash_of(sections)}
-    if game is not None:
-        tags.update(game=game, seed=str(seed))
-    with mlflow.start_run(run_name=name, tags=tags) as run:
-        mlflow.log_params(flatten({k: to_dict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in sections.items()}))
+    with store_lock(uri):
+        mlflow.set_tracking_uri(uri)
+        retry_locked(mlflow.set_experiment, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+        run = retry_locked(mlflow.start_run, run_name=name, tags=tags)
+    with run:
+        logged = {k: to_dict(v) if _is_dataclass(v) else v for k, v in sections.items()}
+        retry_locked(mlflow.log_params, flatten(logged))
         yield run
-
-
-def params_hash_of(sections: dict[str, Any]) -> str:
-    import hashlib
-    import json
-
-    parts = {k: (params_hash(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in sections.items()}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,142 @@
+"""Actor-critic losses (DESIGN 3.4) and the agent as a collector policy.
+
+`imagination_loss` is the method: REINFORCE with a value baseline on lambda-returns of
+trajectories imagined by the world model, plus a value MSE and an entropy bonus.
+`real_data_loss` is the paper's model-free ablation: the same loss on real segments of the
+dataset, the behaviour's actions standing in for the policy's (so its policy gradient is
+off-policy; the data is mostly from the current policy, recency-weighted).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.distributions import Categorical
+
+from diamond.config import ActorCriticConfig, ConfigError
+from diamond.data import SegmentSampler
+from diamond.imagination import ImaginationEnv
+from diamond.models.actor_critic import ActorCritic
+from diamond.returns import lambda_returns
+
+
+def _combine(
+    cfg: ActorCriticConfig,
+    log_probs: torch.Tensor,
+    entropies: torch.Tensor,
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    valid: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The three loss terms, averaged over the valid (B, H) steps."""
+    weight = valid.float()
+    count = weight.sum().clamp(min=1.0)
+    advantage = (returns - values).detach()
+    policy_loss = -(log_probs * advantage * weight).sum() / count
+    value_loss = (((values - returns) ** 2) * weight).sum() / count
+    entropy = (entropies * weight).sum() / count
+    loss = policy_loss + cfg.value_loss_weight * value_loss - cfg.entropy_weight * entropy
+    metrics = {
+        "loss_actor": policy_loss.item(),
+        "loss_value": value_loss.item(),
+        "entropy": entropy.item(),
+        "value_mean": ((values * weight).sum() / count).item(),
+        "lambda_return_mean": ((returns * weight).sum() / count).item(),
+    }
+    return loss, metrics
+
+
+def imagination_loss(
+    ac: ActorCritic, env: ImaginationEnv, cfg: ActorCriticConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Imagine `cfg.horizon` steps from fresh real starts and return the actor-critic loss."""
+    obs, start = env.reset()
+    with torch.no_grad():
+        state = ac.burn_in(start.context_obs, start.context_mask)
+    log_probs, entropies, values, next_values = [], [], [], []
+    rewards, terminated, truncated = [], [], []
+    for _ in range(cfg.horizon):
+        logits, value, state = ac(obs, state)
+        dist = Categorical(logits=logits)
+        action = dist.sample()
+        step = env.step(action)
+        log_probs.append(dist.log_prob(action))
+        entropies.append(dist.entropy())
+        values.append(value)
+        rewards.append(step.reward)
+        terminated.append(step.terminated)
+        truncated.append(step.truncated)
+        with torch.no_grad():
+            # V of the true next frame; on rows that continue it is recomputed with gradient
+            # at the next step, here only as a target.
+            _, next_value, _ = ac(step.final_obs, state)
+            next_values.append(next_value)
+        state = ac.restart_rows(state, step.restart.rows, step.restart.context_obs, step.restart.context_mask)
+        obs = step.obs
+    stack = lambda xs: torch.stack(xs, dim=1)  # noqa: E731
+    values_t = stack(values)
+    returns = lambda_returns(
+        stack(rewards), stack(next_values), stack(terminated), stack(truncated), cfg.gamma, cfg.lambda_
+    )
+    loss, metrics = _combine(cfg, stack(log_probs), stack(entropies), values_t, returns, torch.ones_like(values_t, dtype=torch.bool))
+    metrics["imagined_reward_mean"] = float(stack(rewards).mean())
+    metrics["imagined_termination_rate"] = float(stack(terminated).float().mean())
+    return loss, metrics
+
+
+def real_data_loss(
+    ac: ActorCritic, segments: SegmentSampler, cfg: ActorCriticConfig, context: int, device: torch.device
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The model-free ablation: the same loss on real segments (burn-in on `context - 1` frames)."""
+    seg = segments.sample(cfg.batch_size, context - 1 + cfg.horizon).to_torch(device)
+    burn = context - 1
+    with torch.no_grad():
+        state = ac.burn_in(seg.obs[:, :burn], seg.mask[:, :burn])
+    log_probs, entropies, values = [], [], []
+    for t in range(burn, burn + cfg.horizon):
+        logits, value, state = ac(seg.obs[:, t], state)
+        # Padded frames (before an episode start) leave no trace in the memory.
+        keep = seg.mask[:, t].float().unsqueeze(-1)
+        state = (state[0] * keep, state[1] * keep)
+        dist = Categorical(logits=logits)
+        log_probs.append(dist.log_prob(seg.act[:, t]))
+        entropies.append(dist.entropy())
+        values.append(value)
+    values_t = torch.stack(values, dim=1)
+    with torch.no_grad():
+        _, last_value, _ = ac(seg.obs[:, burn + cfg.horizon], state)
+    next_values = torch.cat([values_t[:, 1:].detach(), last_value[:, None]], dim=1)
+    window = slice(burn, burn + cfg.horizon)
+    returns = lambda_returns(
+        seg.rew[:, window].sign(), next_values, seg.terminated[:, window], seg.truncated[:, window], cfg.gamma, cfg.lambda_
+    )
+    return _combine(cfg, torch.stack(log_probs, 1), torch.stack(entropies, 1), values_t, returns, seg.mask[:, window])
+
+
+class AgentPolicy:
+    """The actor-critic as a collector `Policy`: samples its action, uniform with probability epsilon."""
+
+    def __init__(self, ac: ActorCritic, epsilon: float, rng: np.random.Generator, device: torch.device) -> None:
+        if not 0.0 <= epsilon <= 1.0:
+            raise ConfigError(f"epsilon: {epsilon} is not a probability in [0, 1]")
+        self.ac = ac
+        self.epsilon = epsilon
+        self.rng = rng
+        self.device = device
+        self.state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> int:
+        x = torch.from_numpy(np.ascontiguousarray(obs)).to(self.device).float().div(127.5).sub(1.0)[None]
+        if self.state is None:
+            self.state = self.ac.initial_state(1, self.device)
+        logits, _, self.state = self.ac(x, self.state)
+        # Draw both numbers every step so the random stream does not depend on the branch taken.
+        explore, u = self.rng.random(2)
+        if explore < self.epsilon:
+            return int(self.rng.integers(self.ac.num_actions))
+        cdf = torch.softmax(logits[0].double(), dim=-1).cumsum(0).cpu().numpy()
+        return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), self.ac.num_actions - 1))

@@ -1,0 +1,125 @@
+"""Real-environment interaction: collecting episodes into a store, and test episodes.
+
+A policy sees one uint8 frame (3, H, W) at a time, as stored; a recurrent policy keeps its own
+state and clears it in `reset()` at each episode start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import gymnasium
+import numpy as np
+
+from diamond.data.episode import Episode
+from diamond.data.store import EpisodeStore
+
+
+class Policy(Protocol):
+    def reset(self) -> None: ...
+
+    def act(self, obs: np.ndarray) -> int: ...
+
+
+class UniformPolicy:
+    """Uniformly random actions: the untrained policy of the initial collection."""
+
+    def __init__(self, num_actions: int, rng: np.random.Generator) -> None:
+        self.num_actions, self.rng = num_actions, rng
+
+    def reset(self) -> None:
+        pass
+
+    def act(self, obs: np.ndarray) -> int:
+        return int(self.rng.integers(self.num_actions))
+
+
+@dataclass
+class EpisodeStats:
+    """Statistics of one finished (or flushed) episode."""
+
+    num_steps: int
+    ret: float  # sum of raw rewards of this episode
+    game_score: float  # raw score of the whole game so far (all lives), from the environment
+    terminated: bool
+    truncated: bool
+    game_over: bool  # the game itself ended (not just a life), or was cut by the frame limit
+
+
+def chw(obs: np.ndarray) -> np.ndarray:
+    """HWC frame from the environment -> contiguous CHW, the layout of the store and the models."""
+    return np.ascontiguousarray(obs.transpose(2, 0, 1))
+
+
+class Collector:
+    """Steps `env` with `policy`, keeping an unfinished episode across `collect` calls."""
+
+    def __init__(self, env: gymnasium.Env, policy: Policy, store: EpisodeStore | None) -> None:
+        self.env, self.policy, self.store = env, policy, store
+        self.total_steps = 0
+        self.reward_counts = {-1: 0, 0: 0, 1: 0}  # over every step collected, by sign of reward
+        self._obs: list[np.ndarray] | None = None  # frames of the unfinished episode
+        self._act: list[int] = []
+        self._rew: list[float] = []
+        self._info: dict = {}
+
+    def collect(self, num_steps: int) -> list[EpisodeStats]:
+        """Take `num_steps` steps; store and return the stats of the episodes that finished."""
+        finished: list[EpisodeStats] = []
+        for _ in range(num_steps):
+            if self._obs is None:
+                obs, self._info = self.env.reset()
+                self.policy.reset()
+                self._obs, self._act, self._rew = [chw(obs)], [], []
+            action = self.policy.act(self._obs[-1])
+            obs, reward, terminated, truncated, self._info = self.env.step(action)
+            self._obs.append(chw(obs))
+            self._act.append(action)
+            self._rew.append(float(reward))
+            self.total_steps += 1
+            self.reward_counts[int(np.sign(reward))] += 1
+            if terminated or truncated:
+                finished.append(self._finish(bool(terminated), bool(truncated)))
+        return finished
+
+    def flush(self) -> EpisodeStats | None:
+        """Store the unfinished episode, cut here (truncated), so no collected step is lost.
+
+        The next `collect` starts a new episode with `env.reset()` (a real reset, since the
+        cut episode had not ended).
+        """
+        if not self._act:
+            self._obs = None
+            return None
+        return self._finish(terminated=False, truncated=True)
+
+    def _finish(self, terminated: bool, truncated: bool) -> EpisodeStats:
+        t = len(self._act)
+        term = np.zeros(t, dtype=bool)
+        trunc = np.zeros(t, dtype=bool)
+        term[-1], trunc[-1] = terminated, truncated
+        ep = Episode(obs=np.stack(self._obs), act=np.array(self._act, dtype=np.int64),
+                     rew=np.array(self._rew, dtype=np.float32), terminated=term, truncated=trunc)
+        if self.store is not None:
+            self.store.append(ep)
+        self._obs, self._act, self._rew = None, [], []
+        return EpisodeStats(num_steps=t, ret=ep.ret, game_score=float(self._info.get("game_score", ep.ret)),
+                            terminated=terminated, truncated=truncated,
+                            game_over=bool(self._info.get("game_over", terminated or truncated)))
+
+
+def run_episodes(env: gymnasium.Env, policy: Policy, n: int) -> list[float]:
+    """Play `n` whole test episodes; their raw game scores (use a test env: train=False)."""
+    scores = []
+    for _ in range(n):
+        obs, info = env.reset()
+        policy.reset()
+        total = 0.0
+        while True:
+            obs, reward, terminated, truncated, info = env.step(policy.act(chw(obs)))
+            total += float(reward)
+            if terminated or truncated:
+                break
+        scores.append(float(info.get("game_score", total)))
+    return scores

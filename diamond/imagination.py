@@ -1,0 +1,136 @@
+"""The world model as a batched environment for the actor-critic (DESIGN 3.4).
+
+Every trajectory starts from a real segment of the dataset: L real frames and the L-1 real
+actions between them. The reward/termination model's LSTM is warmed up on the L-1 real
+transitions; the policy is handed the first L-1 frames to warm up its own LSTM and acts on the
+L-th. Each step then asks the diffusion sampler for the next frame given the last L frames and
+actions, and the reward/termination model for sign(reward) and termination. A trajectory ends
+when termination is predicted or after `horizon` imagined steps (truncation); ended
+trajectories are restarted at once from fresh real segments, so the batch stays full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diamond.data import SegmentSampler
+from diamond.models.reward_end import RewardEndModel
+from diamond.sampler import DiffusionSampler
+
+
+@dataclass
+class Restart:
+    """Where trajectories (re)start: rows of the batch and the real context the policy burns in on."""
+
+    rows: torch.Tensor  # bool (B,): which rows started a new trajectory
+    context_obs: torch.Tensor  # float (n, L-1, 3, H, W), n = rows.sum(): frames before the first observation
+    context_mask: torch.Tensor  # bool (n, L-1): False on frames padded before an episode start
+
+
+@dataclass
+class ImaginedStep:
+    obs: torch.Tensor  # float (B, 3, H, W): next observation to act on (a fresh start on restarted rows)
+    reward: torch.Tensor  # float (B,) in {-1, 0, 1}
+    terminated: torch.Tensor  # bool (B,)
+    truncated: torch.Tensor  # bool (B,)
+    final_obs: torch.Tensor  # float (B, 3, H, W): the true next frame, also on rows that ended
+    restart: Restart
+
+
+def _scatter_state(state: object, rows: torch.Tensor, part: object) -> object:
+    """Write `part` (a state over the selected rows only) into the rows of `state`."""
+    if isinstance(state, torch.Tensor):
+        out = state.clone()
+        index = rows.nonzero().squeeze(-1)
+        out.index_copy_(state.dim() - 2, index, part)
+        return out
+    return type(state)(_scatter_state(s, rows, p) for s, p in zip(state, part))  # type: ignore[arg-type]
+
+
+class ImaginationEnv:
+    """A batch of `batch_size` imagined trajectories; all tensors live on `device`."""
+
+    def __init__(
+        self,
+        sampler: DiffusionSampler,
+        reward_end: RewardEndModel,
+        segments: SegmentSampler,
+        num_conditioning_frames: int,
+        batch_size: int,
+        horizon: int,
+        device: torch.device,
+    ) -> None:
+        if horizon < 1 or batch_size < 1 or num_conditioning_frames < 2:
+            raise ValueError(
+                f"imagination: horizon={horizon} and batch_size={batch_size} must be >= 1 and "
+                f"num_conditioning_frames={num_conditioning_frames} >= 2 (the context needs a real transition)"
+            )
+        self.sampler = sampler
+        self.reward_end = reward_end
+        self.segments = segments
+        self.context = num_conditioning_frames
+        self.batch_size = batch_size
+        self.horizon = horizon
+        self.device = device
+        self.obs_buffer: torch.Tensor | None = None  # (B, L, 3, H, W): the last L frames
+        self.act_buffer: torch.Tensor | None = None  # (B, L): the L-1 past actions, then the one to play
+        self.reward_state: object = None  # reward/termination LSTM state
+        self.steps: torch.Tensor | None = None  # (B,) imagined steps since each row's start
+
+    @torch.no_grad()
+    def _start(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+        """Real starts for n rows: (L frames, L-1 actions, mask, warmed reward-model state)."""
+        seg = self.segments.sample(n, self.context - 1).to_torch(self.device)
+        # Padding before an episode start becomes zeros, as the denoiser and R saw it in training.
+        obs, act, mask = seg.obs * seg.mask[:, :, None, None, None], seg.act, seg.mask
+        # Warm the reward/termination LSTM on the real transitions of the context.
+        _, _, state = self.reward_end(obs[:, :-1], act, obs[:, 1:], None)
+        return obs, act, mask, state
+
+    @torch.no_grad()
+    def reset(self) -> tuple[torch.Tensor, Restart]:
+        """Start every row from a real segment; returns (obs (B, 3, H, W), restart of all rows)."""
+        obs, act, mask, state = self._start(self.batch_size)
+        self.obs_buffer = obs
+        pad = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
+        self.act_buffer = torch.cat([act, pad], dim=1)
+        self.reward_state = state
+        self.steps = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        rows = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
+        return obs[:, -1], Restart(rows, obs[:, :-1], mask[:, :-1])
+
+    @torch.no_grad()
+    def step(self, action: torch.Tensor) -> ImaginedStep:
+        """Play `action` (B,) long in every row."""
+        if self.obs_buffer is None or self.act_buffer is None or self.steps is None:
+            raise RuntimeError("ImaginationEnv.step called before reset")
+        self.act_buffer[:, -1] = action
+        next_obs = self.sampler.sample(self.obs_buffer, self.act_buffer)
+        logits_rew, logits_end, self.reward_state = self.reward_end(
+            self.obs_buffer[:, -1:], action[:, None], next_obs[:, None], self.reward_state
+        )
+        # Sample sign(reward) in {-1, 0, 1} and termination from the predicted distributions.
+        reward = torch.distributions.Categorical(logits=logits_rew[:, 0]).sample().float() - 1.0
+        terminated = torch.distributions.Categorical(logits=logits_end[:, 0]).sample().bool()
+        self.steps += 1
+        truncated = (self.steps >= self.horizon) & ~terminated
+        self.obs_buffer = torch.cat([self.obs_buffer[:, 1:], next_obs[:, None]], dim=1)
+        self.act_buffer = torch.cat([self.act_buffer[:, 1:], torch.zeros_like(self.act_buffer[:, :1])], dim=1)
+        obs = next_obs.clone()
+        ended = terminated | truncated
+        n = int(ended.sum())
+        context_obs = next_obs.new_zeros((n, self.context - 1, *next_obs.shape[1:]))
+        context_mask = torch.zeros(n, self.context - 1, dtype=torch.bool, device=self.device)
+        if n:
+            new_obs, new_act, new_mask, new_state = self._start(n)
+            self.obs_buffer[ended] = new_obs
+            self.act_buffer[ended, :-1] = new_act
+            self.act_buffer[ended, -1] = 0
+            self.reward_state = _scatter_state(self.reward_state, ended, new_state)
+            self.steps[ended] = 0
+            obs[ended] = new_obs[:, -1]
+            context_obs, context_mask = new_obs[:, :-1], new_mask[:, :-1]
+        return ImaginedStep(obs, reward, terminated, truncated, next_obs, Restart(ended, context_obs, context_mask))
+

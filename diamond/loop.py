@@ -1,0 +1,265 @@
+"""The DIAMOND epoch loop after the first world-model epoch (DESIGN 3.5), with whole-state resume.
+
+Epoch 0 trains the actor-critic alone for `first_epoch_actor_critic_steps` (the first epoch's
+denoiser and reward/termination training is the `train-world-model` stage). Every later epoch
+collects `collect_steps_per_epoch` real steps with the current policy (epsilon-greedy) into the
+dataset, then trains the denoiser, the reward/termination model and the actor-critic for their
+steps per epoch, until the real-interaction budget (`total_env_steps`, initial collection
+included) is spent; then `final_epochs_without_collection` epochs train without collecting.
+
+Resume. The whole state (models, optimisers, epoch, step counts, the dataset's episode count,
+numpy and torch random states) is saved atomically every `checkpoint_every_epochs` epochs.
+Only complete data is checkpointed: at each checkpoint the episode in progress is stored, cut
+(truncated), and the next collection starts a new game in a fresh environment seeded from
+(seed, epoch). The uninterrupted run does exactly the same, so a resumed run collects the same
+episodes as an uninterrupted one. Episodes a killed run appended after its last checkpoint are
+dropped on resume (they are collected again, identically).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diamond.agent import AgentPolicy, imagination_loss, real_data_loss
+from diamond.collector import Collector
+from diamond.config import Params
+from diamond.data import EpisodeStore, SegmentSampler
+from diamond.env import make_env
+from diamond.evaluation import test_episode_returns
+from diamond.imagination import ImaginationEnv
+from diamond.io import ArtifactError, atomic_save_torch, load_torch
+from diamond.models.actor_critic import ActorCritic
+from diamond.training import Trainer, train_steps
+from diamond.world_model import WorldModel
+
+STATE_FILE = "state.pt"
+DATASET_DIR = "dataset"
+
+
+@dataclass
+class AgentRun:
+    """Everything the loop reads and changes; what `save_state` writes and `load_state` restores."""
+
+    params: Params
+    game: str
+    seed: int
+    device: torch.device
+    store: EpisodeStore
+    world_model: WorldModel
+    actor_critic: ActorCritic
+    actor_critic_trainer: Trainer
+    segment_rng: np.random.Generator  # segment sampling for all three models
+    policy_rng: np.random.Generator  # the collecting policy's action draws
+    initial_env_steps: int  # steps in the dataset from the `collect` stage
+    env_steps: int  # real steps so far, initial collection included
+    epoch: int = 0  # epochs completed
+    curve: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    collector: Collector | None = None  # transient: rebuilt after every checkpoint
+
+    @property
+    def collect_epochs(self) -> int:
+        cfg = self.params.agent
+        return math.ceil(max(0, cfg.total_env_steps - self.initial_env_steps) / cfg.collect_steps_per_epoch)
+
+    @property
+    def total_epochs(self) -> int:
+        return 1 + self.collect_epochs + self.params.agent.final_epochs_without_collection
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.total_epochs
+
+
+def derived_seed(seed: int, *keys: int) -> int:
+    """An independent 32-bit seed for one purpose (environment of an epoch, test episodes, ...)."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+
+
+def _segments(run: AgentRun) -> SegmentSampler:
+    return SegmentSampler(run.store, run.segment_rng)
+
+
+def _collect(run: AgentRun, num_steps: int) -> list[Any]:
+    """Collect with the current policy; a fresh environment after each checkpoint (module doc)."""
+    if run.collector is None:
+        env = make_env(run.game, derived_seed(run.seed, run.epoch, 1), train=True, config=run.params.env)
+        policy = AgentPolicy(run.actor_critic, run.params.agent.epsilon, run.policy_rng, run.device)
+        run.collector = Collector(env, policy, run.store)
+    run.actor_critic.eval()
+    stats = run.collector.collect(num_steps)
+    run.env_steps += num_steps
+    return stats
+
+
+def _cut_collection(run: AgentRun) -> None:
+    """Store the episode in progress (truncated) and drop the environment: only complete data."""
+    if run.collector is not None:
+        run.collector.flush()
+        run.collector.env.close()
+        run.collector = None
+
+
+def _train_actor_critic(run: AgentRun, num_steps: int) -> dict[str, float]:
+    if num_steps == 0:
+        return {}
+    p, wm = run.params, run.world_model
+    context = p.world_model.denoiser.num_conditioning_frames
+    segments = _segments(run)
+    imagination = ImaginationEnv(
+        wm.sampler, wm.reward_end, segments, context,
+        p.actor_critic.batch_size, p.actor_critic.horizon, run.device,
+    )
+    wm.denoiser.eval()
+    wm.reward_end.eval()
+    run.actor_critic.train()
+    metrics: dict[str, float] = {}
+    for _ in range(num_steps):
+        if p.agent.model_free:
+            loss, metrics = real_data_loss(run.actor_critic, segments, p.actor_critic, context, run.device)
+        else:
+            loss, metrics = imagination_loss(run.actor_critic, imagination, p.actor_critic)
+        metrics = {**metrics, **run.actor_critic_trainer.step(loss)}
+    return metrics
+
+
+def _train_world_model(run: AgentRun) -> dict[str, float]:
+    """One epoch of D and R (skipped in the model-free ablation, which never uses them)."""
+    p, wm = run.params, run.world_model
+    if p.agent.model_free:
+        return {}
+    segments = _segments(run)
+    d = train_steps(wm.denoiser_trainer, wm.denoiser.compute_loss, segments, p.world_model.batch_size,
+                    p.agent.denoiser_steps_per_epoch, p.world_model.denoiser.num_conditioning_frames, run.device)
+    r = train_steps(wm.reward_end_trainer, wm.reward_end.compute_loss, segments, p.world_model.batch_size,
+                    p.agent.reward_end_steps_per_epoch, p.world_model.reward_end.segment_length, run.device)
+    return {**{f"denoiser/{k}": v for k, v in d.items()}, **{f"reward_end/{k}": v for k, v in r.items()}}
+
+
+def run_epoch(run: AgentRun) -> dict[str, float]:
+    """Run epoch `run.epoch` (0-based) and return its metrics row."""
+    cfg = run.params.agent
+    start = time.perf_counter()
+    row: dict[str, float] = {"epoch": run.epoch}
+    if run.epoch == 0:
+        ac = _train_actor_critic(run, cfg.first_epoch_actor_critic_steps)
+    else:
+        if run.epoch <= run.collect_epochs:
+            budget = cfg.total_env_steps - run.env_steps
+            stats = _collect(run, min(cfg.collect_steps_per_epoch, budget))
+            if stats:
+                row["collect/episode_return"] = float(np.mean([s.ret for s in stats]))
+        row.update(_train_world_model(run))
+        ac = _train_actor_critic(run, cfg.actor_critic_steps_per_epoch)
+    row.update({f"actor_critic/{k}": v for k, v in ac.items()})
+    run.epoch += 1
+    if run.epoch % cfg.test_every_epochs == 0 or run.done:
+        policy = AgentPolicy(run.actor_critic, 0.0, np.random.default_rng(derived_seed(run.seed, run.epoch, 2)), run.device)
+        run.actor_critic.eval()
+        returns = test_episode_returns(run.game, derived_seed(run.seed, run.epoch, 3), run.params.env, policy, cfg.test_episodes)
+        row["test/return_mean"] = float(np.mean(returns))
+    row.update({"env_steps": run.env_steps, "num_episodes": len(run.store), "epoch_seconds": time.perf_counter() - start})
+    run.curve.append(row)
+    return row
+
+
+def train(
+    run: AgentRun,
+    state_dir: Path,
+    run_key: str,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> AgentRun:
+    """Run the remaining epochs, checkpointing into `state_dir`; the final state is saved too."""
+    every = run.params.agent.checkpoint_every_epochs
+    while not run.done:
+        row = run_epoch(run)
+        if on_epoch is not None:
+            on_epoch(row)
+        if run.epoch % every == 0 or run.done:
+            _cut_collection(run)
+            save_state(run, state_dir / STATE_FILE, run_key)
+    _cut_collection(run)
+    return run
+
+
+# ---------------------------------------------------------------- whole-state checkpoint
+
+
+def save_state(run: AgentRun, path: Path, run_key: str) -> None:
+    wm = run.world_model
+    atomic_save_torch(path, {
+        "run_key": run_key,
+        "epoch": run.epoch,
+        "env_steps": run.env_steps,
+        "initial_env_steps": run.initial_env_steps,
+        "num_episodes": len(run.store),
+        "denoiser": wm.denoiser.state_dict(),
+        "reward_end": wm.reward_end.state_dict(),
+        "denoiser_trainer": wm.denoiser_trainer.state_dict(),
+        "reward_end_trainer": wm.reward_end_trainer.state_dict(),
+        "actor_critic": run.actor_critic.state_dict(),
+        "actor_critic_trainer": run.actor_critic_trainer.state_dict(),
+        "segment_rng": run.segment_rng.bit_generator.state,
+        "policy_rng": run.policy_rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "curve": run.curve,
+    })
+
+
+def saved_run_key(state_dir: Path) -> str | None:
+    """The key of the run saved in `state_dir`, or None when there is none (or it is unreadable)."""
+    try:
+        return load_torch(state_dir / STATE_FILE).get("run_key")
+    except ArtifactError:
+        return None
+
+
+def load_state(run: AgentRun, state_dir: Path) -> AgentRun:
+    """Restore a freshly built `run` (same params) to the saved state; the dataset is cut back to it."""
+    state = load_torch(state_dir / STATE_FILE, map_location=run.device)
+    wm = run.world_model
+    wm.denoiser.load_state_dict(state["denoiser"])
+    wm.reward_end.load_state_dict(state["reward_end"])
+    wm.denoiser_trainer.load_state_dict(state["denoiser_trainer"])
+    wm.reward_end_trainer.load_state_dict(state["reward_end_trainer"])
+    run.actor_critic.load_state_dict(state["actor_critic"])
+    run.actor_critic_trainer.load_state_dict(state["actor_critic_trainer"])
+    run.segment_rng.bit_generator.state = state["segment_rng"]
+    run.policy_rng.bit_generator.state = state["policy_rng"]
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    run.epoch, run.env_steps = int(state["epoch"]), int(state["env_steps"])
+    run.initial_env_steps = int(state["initial_env_steps"])
+    run.curve = list(state["curve"])
+    run.store = truncate_store(run.store, int(state["num_episodes"]))
+    return run
+
+
+def truncate_store(store: EpisodeStore, num_episodes: int) -> EpisodeStore:
+    """The store cut back to its first `num_episodes` episodes (rebuilt aside, then swapped in)."""
+    if len(store) == num_episodes:
+        return store
+    if len(store) < num_episodes:
+        raise ArtifactError(f"{store.root}: holds {len(store)} episodes, fewer than the {num_episodes} checkpointed")
+    root = store.root
+    aside = root.with_name(root.name + ".rebuild")
+    shutil.rmtree(aside, ignore_errors=True)
+    rebuilt = EpisodeStore(aside, store.game, store.num_actions)
+    for i in range(num_episodes):
+        rebuilt.append(store[i])
+    old = root.with_name(root.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    root.rename(old)
+    aside.rename(root)
+    shutil.rmtree(old)
+    return EpisodeStore(root)

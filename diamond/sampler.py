@@ -1,0 +1,112 @@
+"""Sampling the next frame from the denoiser (DESIGN 3.2): Karras schedule, Euler/Heun, churn.
+
+The ODE is the variance-exploding probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma.
+Sampling starts from sigma_max * N(0, I). The offset noise of training is not added at the start:
+the denoiser's conditioners always include it (s = sqrt(sigma^2 + 0.3^2)), and its variance
+(0.09) is negligible beside sigma_max^2 = 25, so the start stays inside the training
+distribution; this is also what DIAMOND's sampler does. With `quantize`, each denoised estimate is
+rounded to the 256 levels of the uint8 data before the solver uses it. The last step goes to
+sigma = 0, where an Euler step returns the (quantized) denoised estimate itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from diamond.config import SamplerConfig
+
+class DenoiserLike(Protocol):
+    def denoise(self, noisy_next_obs: Tensor, sigma: Tensor | float, prev_obs: Tensor, prev_act: Tensor) -> Tensor: ...
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    """num_steps noise levels from sigma_max down to sigma_min (Karras et al. eq. 5), then a final 0."""
+    if num_steps < 1:
+        raise ValueError(f"sampler.num_steps: {num_steps} must be >= 1")
+    if not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"sampler: need 0 < sigma_min ({sigma_min}) <= sigma_max ({sigma_max})")
+    if num_steps == 1:
+        sigmas = torch.tensor([sigma_max], dtype=torch.float64)
+    else:
+        ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+        inv_rho_max, inv_rho_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+        sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def quantize_8bit(x: Tensor) -> Tensor:
+    """Round a [-1, 1] image to the 256 levels of uint8 data (x = u / 127.5 - 1), clamping first."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+def euler_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """One Euler step of dx/dsigma = (x - denoised)/sigma from sigma to sigma_next."""
+    d = (x - denoised) / sigma
+    return x + d * (sigma_next - sigma)
+
+
+def heun_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float, denoise_fn) -> Tensor:
+    """Heun (trapezoidal) step; falls back to Euler when stepping to sigma = 0 (as in EDM)."""
+    x_euler = euler_step(x, denoised, sigma, sigma_next)
+    if sigma_next == 0:
+        return x_euler
+    d = (x - denoised) / sigma
+    d_next = (x_euler - denoise_fn(x_euler, sigma_next)) / sigma_next
+    return x + (d + d_next) / 2 * (sigma_next - sigma)
+
+
+def churn_gamma(cfg: SamplerConfig, sigma: float) -> float:
+    """EDM's stochastic churn: how much to raise sigma before the step (0 = deterministic)."""
+    if cfg.s_churn == 0 or not cfg.s_tmin <= sigma <= cfg.s_tmax:
+        return 0.0
+    return min(cfg.s_churn / cfg.num_steps, math.sqrt(2) - 1)
+
+
+def sample_ode(
+    denoise_fn,
+    x: Tensor,
+    sigmas: Tensor,
+    cfg: SamplerConfig,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Integrate from x at sigmas[0] down to sigmas[-1] = 0 with the configured solver."""
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        gamma = churn_gamma(cfg, sigma)
+        if gamma > 0:
+            sigma_hat = sigma * (1 + gamma)
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * cfg.s_noise * eps
+            sigma = sigma_hat
+        denoised = denoise_fn(x, sigma)
+        if cfg.order == 1:
+            x = euler_step(x, denoised, sigma, sigma_next)
+        else:
+            x = heun_step(x, denoised, sigma, sigma_next, denoise_fn)
+    return x
+
+
+class DiffusionSampler:
+    """Generates the next frame from the past L frames and actions with a trained denoiser."""
+
+    def __init__(self, denoiser: DenoiserLike, cfg: SamplerConfig) -> None:
+        self.denoiser = denoiser
+        self.cfg = cfg
+        self.sigmas = karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+
+    @torch.no_grad()
+    def sample(self, prev_obs: Tensor, prev_act: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """prev_obs float (B, L, 3, H, W) in [-1, 1], prev_act long (B, L) -> next_obs (B, 3, H, W)."""
+        b, _, c, h, w = prev_obs.shape
+        x = torch.randn((b, c, h, w), generator=generator, device=prev_obs.device, dtype=torch.float32)
+        x = x * self.cfg.sigma_max
+
+        def denoise_fn(x_noisy: Tensor, sigma: float) -> Tensor:
+            denoised = self.denoiser.denoise(x_noisy, sigma, prev_obs, prev_act)
+            return quantize_8bit(denoised) if self.cfg.quantize else denoised
+
+        x = sample_ode(denoise_fn, x, self.sigmas, self.cfg, generator)
+        return x.clamp(-1, 1)

@@ -1,0 +1,87 @@
+"""Optimisation shared by the world model and the actor-critic (DESIGN 3.5).
+
+AdamW with a linear learning-rate warm-up and gradient-norm clipping, and a loop that draws
+segments from a sampler and steps a trainer on a loss function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from diamond.config import OptimizerConfig
+
+
+class Trainer:
+    """One optimiser for one model: AdamW, linear warm-up over `warmup_steps`, grad-norm clipping."""
+
+    def __init__(self, model: nn.Module, opt_cfg: OptimizerConfig) -> None:
+        self.model = model
+        self.cfg = opt_cfg
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=opt_cfg.lr, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay
+        )
+        self.num_steps = 0
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimiser step `step` (0-based): lr * min(1, (step + 1) / warmup_steps)."""
+        if self.cfg.warmup_steps <= 0:
+            return self.cfg.lr
+        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup_steps)
+
+    def step(self, loss: Tensor) -> dict[str, float]:
+        """Backpropagate `loss`, clip, and take one AdamW step; returns grad_norm and lr."""
+        lr = self.lr_at(self.num_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.num_steps += 1
+        return {"grad_norm": float(grad_norm), "lr": lr}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.num_steps = int(state["num_steps"])
+
+
+class SegmentSource(Protocol):
+    """`diamond.data.SegmentSampler`: `.sample(batch_size, num_steps) -> Segment`."""
+
+    def sample(self, batch_size: int, num_steps: int) -> Any: ...
+
+
+LossFn = Callable[[Any], tuple[Tensor, dict[str, float]]]
+
+
+def train_steps(
+    trainer: Trainer,
+    loss_fn: LossFn,
+    sampler: SegmentSource,
+    batch_size: int,
+    num_steps: int,
+    segment_len: int,
+    device: torch.device,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Run `num_steps` optimiser steps on fresh segments; `on_log(step, metrics)` after each.
+
+    `step` is the trainer's running count (1-based after the step), so curves continue across
+    calls and resumes. Returns the last step's metrics.
+    """
+    trainer.model.train()
+    metrics: dict[str, float] = {}
+    for _ in range(num_steps):
+        seg = sampler.sample(batch_size, segment_len).to_torch(device)
+        loss, metrics = loss_fn(seg)
+        metrics = {**metrics, **trainer.step(loss)}
+        if on_log is not None:
+            on_log(trainer.num_steps, metrics)
+    return metrics

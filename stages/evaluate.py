@@ -1,0 +1,123 @@
+"""Stage evaluate: the final score of one run, and the final world model's fidelity.
+
+The final policy plays `evaluate.episodes` test episodes (no life-loss termination, epsilon
+`evaluate.epsilon`) in the real game; the per-episode returns, their mean and the
+human-normalized score go to --out-score (the file `aggregate` reads). The world-model
+fidelity metrics are measured again on the final world model (--out-fidelity), and
+--out-media gets a GIF of the agent in the real game, one of the agent in imagination and the
+real-vs-imagined GIF of the fidelity measurement.
+
+    python -m stages.evaluate --params params.yaml --game Breakout --seed 0 \
+        --agent runs/Breakout-0/agent.pt --dataset runs/Breakout-0/dataset \
+        --out-score runs/Breakout-0/score.json --out-fidelity runs/Breakout-0/evaluate_fidelity.json \
+        --out-media runs/Breakout-0/evaluate_media
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from diamond.agent import AgentPolicy
+from diamond.config import ConfigError, EvaluateConfig
+from diamond.data import EpisodeStore, SegmentSampler
+from diamond.env import num_actions
+from diamond.evaluation import RecordingPolicy, imagined_frames, score_record, test_episode_returns, write_gif
+from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
+from diamond.imagination import ImaginationEnv
+from diamond.io import ArtifactError, atomic_write_json, load_torch
+from diamond.loop import derived_seed
+from diamond.models.actor_critic import ActorCritic
+from diamond.world_model import load_world_model
+from stages.common import base_parser, load_checked_params, resolve_device, run_main
+from stages.tracking import stage_run
+
+# Streams of the run seed used here (train-agent uses 1..3 per epoch and 11..13).
+TEST_ENV_STREAM, TEST_POLICY_STREAM, IMAGINATION_STREAM = 21, 22, 23
+
+
+def check_evaluate_config(e: EvaluateConfig) -> None:
+    if e.episodes < 1:
+        raise ConfigError(f"evaluate.episodes: {e.episodes} must be >= 1")
+    if not 0.0 <= e.epsilon <= 1.0:
+        raise ConfigError(f"evaluate.epsilon: {e.epsilon} is not a probability in [0, 1]")
+    if e.fidelity_episodes < 1 or not e.fidelity_horizons or min(e.fidelity_horizons) < 1:
+        raise ConfigError(
+            f"evaluate.fidelity_episodes ({e.fidelity_episodes}) and every fidelity_horizons entry "
+            f"({e.fidelity_horizons}) must be >= 1"
+        )
+    if e.gif_frames < 1:
+        raise ConfigError(f"evaluate.gif_frames: {e.gif_frames} must be >= 1")
+
+
+def main() -> None:
+    parser = base_parser("Score the final agent in the real game; world-model fidelity; GIFs.")
+    parser.add_argument("--agent", required=True, type=Path, help="agent checkpoint (stage train-agent)")
+    parser.add_argument("--dataset", required=True, type=Path, help="final dataset (imagination starts)")
+    parser.add_argument("--out-score", required=True, type=Path)
+    parser.add_argument("--out-fidelity", required=True, type=Path)
+    parser.add_argument("--out-media", required=True, type=Path)
+    args = parser.parse_args()
+    p = load_checked_params(args)
+    check_evaluate_config(p.evaluate)
+    device = resolve_device(p)
+    game, seed, ev = args.game, args.seed, p.evaluate
+    agent = load_torch(args.agent)
+    if not isinstance(agent, dict) or "actor_critic" not in agent or "world_model" not in agent:
+        raise ArtifactError(f"{args.agent}: not an agent checkpoint (needs actor_critic and world_model)")
+    if agent.get("game") != game:
+        raise ArtifactError(f"{args.agent}: agent was trained on {agent.get('game')!r}, not --game {game!r}")
+    store = EpisodeStore(args.dataset, game=game)
+
+    sections = {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "evaluate": p.evaluate,
+                "method_name": p.aggregate.method_name}
+    with stage_run("evaluate", sections=sections, game=game, seed=seed, inputs=[args.agent, args.dataset]):
+        torch.manual_seed(derived_seed(seed, IMAGINATION_STREAM))
+        ac = ActorCritic(p.actor_critic, num_actions(game), p.env.obs_size).to(device)
+        ac.load_state_dict(agent["actor_critic"])
+        ac.eval()
+        wm = load_world_model(args.agent, device, cfg=p.world_model, ckpt=agent["world_model"])
+        wm.denoiser.eval()
+        wm.reward_end.eval()
+
+        # Score: test episodes in the real game; the first one is also filmed.
+        policy = RecordingPolicy(
+            AgentPolicy(ac, ev.epsilon, np.random.default_rng(derived_seed(seed, TEST_POLICY_STREAM)), device), ev.gif_frames
+        )
+        returns = test_episode_returns(game, derived_seed(seed, TEST_ENV_STREAM), p.env, policy, ev.episodes)
+        score = score_record(game, seed, returns, p.aggregate.method_name)
+        atomic_write_json(args.out_score, score)
+        media = args.out_media
+        media.mkdir(parents=True, exist_ok=True)
+        write_gif(media / "agent_real.gif", policy.frames)
+
+        # The agent in imagination, started from the final dataset.
+        context = p.world_model.denoiser.num_conditioning_frames
+        dream = ImaginationEnv(wm.sampler, wm.reward_end, SegmentSampler(store, np.random.default_rng(derived_seed(seed, IMAGINATION_STREAM))),
+                               context, batch_size=1, horizon=ev.gif_frames, device=device)
+        write_gif(media / "agent_imagination.gif", imagined_frames(ac, dream, ev.gif_frames))
+
+        # World-model fidelity of the final world model on held-out real episodes.
+        episodes = heldout_episodes(game, seed, p.env, ev.fidelity_episodes)
+        fidelity = measure_fidelity(wm.sampler, wm.reward_end, episodes, context, ev.fidelity_horizons,
+                                    p.world_model.reward_end.segment_length, ev.gif_frames,
+                                    media / "world_model_real_vs_imagined.gif", device, seed)
+        atomic_write_json(args.out_fidelity, fidelity)
+
+        mlflow.log_metrics({"mean_return": score["mean_return"], "human_normalized_score": score["human_normalized_score"],
+                            "return_std": float(np.std(returns))})
+        for i, r in enumerate(returns):
+            mlflow.log_metric("episode_return", r, step=i)
+        mlflow.log_metrics({k.replace("/", "."): v for k, v in summary_metrics(fidelity).items()})
+        mlflow.log_artifact(str(args.out_score))
+        mlflow.log_artifact(str(args.out_fidelity))
+        mlflow.log_artifacts(str(media), artifact_path="media")
+        print(f"evaluate {game}-{seed}: mean return {score['mean_return']:.2f} over {len(returns)} episodes, "
+              f"HNS {score['human_normalized_score']:.3f} -> {args.out_score}")
+
+
+if __name__ == "__main__":
+    run_main(main)

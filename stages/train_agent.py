@@ -1,0 +1,170 @@
+"""Stage train-agent: the rest of DIAMOND's training loop (DESIGN 3.5) for one game and one seed.
+
+Starts from the `collect` dataset and the `train-world-model` checkpoint and runs the epoch loop
+of `diamond.loop` until the real-interaction budget is spent, then the final epochs. The whole
+state lives in --state-dir and is checkpointed every `agent.checkpoint_every_epochs` epochs; a
+rerun with the same params and inputs resumes from it (a different params or input hash starts
+fresh, and says so). The outputs are written only on completion, each atomically.
+
+    python -m stages.train_agent --params params.yaml --game Breakout --seed 0 \
+        --dataset runs/Breakout-0/dataset_initial --world-model runs/Breakout-0/world_model.pt \
+        --out-checkpoint runs/Breakout-0/agent.pt --out-dataset runs/Breakout-0/dataset \
+        --out-metrics runs/Breakout-0/agent.json --out-curve runs/Breakout-0/agent_curve.csv \
+        --state-dir runs/Breakout-0/agent_state
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from diamond.config import AgentConfig, ConfigError, Params, to_dict
+from diamond.data import EpisodeStore
+from diamond.env import num_actions
+from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
+from diamond.loop import DATASET_DIR, STATE_FILE, AgentRun, load_state, saved_run_key, train
+from diamond.models.actor_critic import ActorCritic
+from diamond.training import Trainer
+from diamond.world_model import load_world_model, world_model_state
+from stages.common import base_parser, load_checked_params, resolve_device, run_main
+from stages.tracking import dvc_md5, stage_run
+
+# Streams of the run seed (collect uses 1 for its uniform policy).
+SEGMENT_STREAM, POLICY_STREAM, TORCH_STREAM = 11, 12, 13
+
+
+def check_agent_config(a: AgentConfig) -> None:
+    for name in ("total_env_steps", "collect_steps_per_epoch", "test_every_epochs", "test_episodes",
+                 "checkpoint_every_epochs"):
+        if getattr(a, name) < 1:
+            raise ConfigError(f"agent.{name}: {getattr(a, name)} must be >= 1")
+    for name in ("first_epoch_actor_critic_steps", "denoiser_steps_per_epoch", "reward_end_steps_per_epoch",
+                 "actor_critic_steps_per_epoch", "final_epochs_without_collection"):
+        if getattr(a, name) < 0:
+            raise ConfigError(f"agent.{name}: {getattr(a, name)} must be >= 0")
+    if not 0.0 <= a.epsilon <= 1.0:
+        raise ConfigError(f"agent.epsilon: {a.epsilon} is not a probability in [0, 1]")
+
+
+def sections(p: Params) -> dict:
+    """The config this stage reads (and whose hash decides whether a saved state may resume)."""
+    return {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "agent": p.agent}
+
+
+def run_key(p: Params, game: str, seed: int, dataset: Path, world_model: Path) -> str:
+    """Hash of the params and inputs a run was started with; a saved state resumes only under it."""
+    parts = {k: to_dict(v) for k, v in sections(p).items()}
+    parts.update(game=game, seed=seed, device=p.device, dataset=dvc_md5(dataset), world_model=dvc_md5(world_model))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_run(p: Params, game: str, seed: int, store: EpisodeStore, world_model: Path, device: torch.device) -> AgentRun:
+    torch.manual_seed(int(np.random.SeedSequence([seed, TORCH_STREAM]).generate_state(1)[0]))
+    n = num_actions(game)
+    wm = load_world_model(world_model, device, cfg=p.world_model)
+    if wm.num_actions != n:
+        raise ArtifactError(f"{world_model}: world model has {wm.num_actions} actions, {game} has {n}")
+    ac = ActorCritic(p.actor_critic, n, p.env.obs_size).to(device)
+    return AgentRun(
+        params=p, game=game, seed=seed, device=device, store=store, world_model=wm,
+        actor_critic=ac, actor_critic_trainer=Trainer(ac, p.actor_critic.optimizer),
+        segment_rng=np.random.default_rng([seed, SEGMENT_STREAM]),
+        policy_rng=np.random.default_rng([seed, POLICY_STREAM]),
+        initial_env_steps=store.num_steps, env_steps=store.num_steps,
+    )
+
+
+def start_or_resume(p: Params, args, key: str, device: torch.device) -> tuple[AgentRun, str]:
+    state_dir: Path = args.state_dir
+    saved = saved_run_key(state_dir)
+    if saved == key:
+        store = EpisodeStore(state_dir / DATASET_DIR)
+        run = load_state(build_run(p, args.game, args.seed, store, args.world_model, device), state_dir)
+        return run, f"resumed from {state_dir / STATE_FILE} at epoch {run.epoch}/{run.total_epochs}"
+    why = "no saved state" if saved is None else f"saved state has params/input hash {saved}, this run {key}"
+    shutil.rmtree(state_dir, ignore_errors=True)
+    state_dir.mkdir(parents=True)
+    initial = EpisodeStore(args.dataset)
+    store = initial.copy_to(state_dir / DATASET_DIR)
+    if store.game != args.game:
+        raise ArtifactError(f"{args.dataset}: dataset holds game {store.game!r}, not --game {args.game!r}")
+    return build_run(p, args.game, args.seed, store, args.world_model, device), f"started fresh ({why})"
+
+
+def write_outputs(run: AgentRun, args, wall_seconds: float) -> dict:
+    wm = run.world_model
+    atomic_save_torch(args.out_checkpoint, {
+        "game": run.game, "seed": run.seed, "num_actions": run.actor_critic.num_actions,
+        "params": to_dict(run.params),
+        "actor_critic": run.actor_critic.state_dict(),
+        "world_model": world_model_state(wm),  # D and R as trained to the end of the loop
+    })
+    run.store.copy_to(args.out_dataset, overwrite=True)
+    tests = [r["test/return_mean"] for r in run.curve if "test/return_mean" in r]
+    metrics = {
+        "game": run.game, "seed": run.seed, "epochs": run.epoch, "env_steps": run.env_steps,
+        "initial_env_steps": run.initial_env_steps, "episodes": len(run.store), "dataset_steps": run.store.num_steps,
+        "model_free": run.params.agent.model_free, "final_test_return_mean": tests[-1] if tests else None,
+        "actor_critic_steps": run.actor_critic_trainer.num_steps,
+        "denoiser_steps": wm.denoiser_trainer.num_steps, "reward_end_steps": wm.reward_end_trainer.num_steps,
+        "wall_seconds_this_process": wall_seconds,
+    }
+    atomic_write_json(args.out_metrics, metrics)
+    columns = sorted({k for row in run.curve for k in row}, key=lambda k: (k != "epoch", k))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(run.curve)
+    atomic_write_bytes(args.out_curve, buf.getvalue().encode())
+    return metrics
+
+
+def main() -> None:
+    parser = base_parser("Train the agent in imagination: DIAMOND's epoch loop (DESIGN 3.5).")
+    parser.add_argument("--dataset", required=True, type=Path, help="initial dataset (stage collect)")
+    parser.add_argument("--world-model", required=True, type=Path, help="world model checkpoint (stage train-world-model)")
+    parser.add_argument("--out-checkpoint", required=True, type=Path)
+    parser.add_argument("--out-dataset", required=True, type=Path, help="the final dataset (all real interaction)")
+    parser.add_argument("--out-metrics", required=True, type=Path)
+    parser.add_argument("--out-curve", required=True, type=Path, help="per-epoch metrics CSV")
+    parser.add_argument("--state-dir", required=True, type=Path, help="whole-state checkpoints, for resuming")
+    args = parser.parse_args()
+    p = load_checked_params(args)
+    check_agent_config(p.agent)
+    device = resolve_device(p)
+    for path in (args.dataset, args.world_model):
+        if not path.exists():
+            raise ArtifactError(f"{path}: input not found")
+    key = run_key(p, args.game, args.seed, args.dataset, args.world_model)
+    with stage_run("train-agent", sections=sections(p), game=args.game, seed=args.seed,
+                   inputs=[args.dataset, args.world_model]):
+        run, how = start_or_resume(p, args, key, device)
+        print(f"train-agent {args.game}-{args.seed}: {how}", flush=True)
+        mlflow.set_tag("resume", how)
+        start = time.perf_counter()
+
+        def on_epoch(row: dict) -> None:
+            mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            print(f"epoch {int(row['epoch'])}/{run.total_epochs}: env_steps {row['env_steps']}"
+                  + (f", test return {row['test/return_mean']:.1f}" if "test/return_mean" in row else ""), flush=True)
+
+        train(run, args.state_dir, key, on_epoch)
+        metrics = write_outputs(run, args, time.perf_counter() - start)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "seed"})
+        for path in (args.out_metrics, args.out_curve):
+            mlflow.log_artifact(str(path))
+        print(f"train-agent {args.game}-{args.seed}: {metrics['epochs']} epochs, {metrics['env_steps']} real steps, "
+              f"{metrics['episodes']} episodes -> {args.out_checkpoint}")
+
+
+if __name__ == "__main__":
+    run_main(main)

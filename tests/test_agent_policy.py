@@ -1,0 +1,81 @@
+"""The agent as a collector policy: epsilon-greedy collection in a real game, reproducibility, resets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diamond.agent import AgentPolicy
+from diamond.collector import Collector
+from diamond.config import ConfigError, Params
+from diamond.data import EpisodeStore
+from diamond.env import make_env, num_actions
+from diamond.models.actor_critic import ActorCritic
+
+GAME = "Breakout"  # 4 actions
+
+
+def _biased_actor(params: Params, favourite: int) -> ActorCritic:
+    """An actor that (all but) always picks `favourite`, so exploration is what shows in the data."""
+    ac = ActorCritic(params.actor_critic, num_actions(GAME))
+    with torch.no_grad():
+        ac.actor.bias[favourite] = 50.0
+    return ac
+
+
+def _collect(params: Params, policy: AgentPolicy, root: Path, steps: int) -> EpisodeStore:
+    store = EpisodeStore(root, GAME, num_actions(GAME))
+    collector = Collector(make_env(GAME, 0, train=True, config=params.env), policy, store)
+    collector.collect(steps)
+    collector.flush()
+    return store
+
+
+def _actions(store: EpisodeStore) -> np.ndarray:
+    return np.concatenate([store[i].act for i in range(len(store))])
+
+
+def test_epsilon_greedy_collection_explores_at_rate_epsilon(tiny_params: Params, tmp_path: Path) -> None:
+    n, eps = 400, 0.3
+    policy = AgentPolicy(_biased_actor(tiny_params, favourite=2), eps, np.random.default_rng(0), torch.device("cpu"))
+    acts = _actions(_collect(tiny_params, policy, tmp_path / "eps", n))
+    assert len(acts) == n
+    # Off-favourite actions come only from exploration: eps * 3/4 of the steps (0.225, sd ~0.02).
+    off = float(np.mean(acts != 2))
+    assert 0.15 < off < 0.30
+    assert set(np.unique(acts[acts != 2])) == {0, 1, 3}
+
+
+def test_epsilon_zero_follows_the_policy(tiny_params: Params, tmp_path: Path) -> None:
+    policy = AgentPolicy(_biased_actor(tiny_params, favourite=1), 0.0, np.random.default_rng(0), torch.device("cpu"))
+    assert (_actions(_collect(tiny_params, policy, tmp_path / "greedy", 100)) == 1).all()
+
+
+def test_same_seed_same_actions_and_reset_clears_memory(tiny_params: Params) -> None:
+    torch.manual_seed(0)
+    ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME))
+    with torch.no_grad():  # non-zero heads so the memory matters to the action distribution
+        ac.actor.weight.normal_(0, 1.0)
+    frames = np.random.default_rng(1).integers(0, 256, size=(20, 3, 64, 64), dtype=np.uint8)
+
+    def play(seed: int) -> list[int]:
+        policy = AgentPolicy(ac, 0.1, np.random.default_rng(seed), torch.device("cpu"))
+        policy.reset()
+        return [policy.act(f) for f in frames]
+
+    assert play(3) == play(3)
+    assert play(3) != play(4)
+    policy = AgentPolicy(ac, 0.0, np.random.default_rng(0), torch.device("cpu"))
+    policy.act(frames[0])
+    assert policy.state is not None
+    policy.reset()
+    assert policy.state is None
+
+
+def test_bad_epsilon_is_a_clear_error(tiny_params: Params) -> None:
+    ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME))
+    with pytest.raises(ConfigError, match="epsilon: 1.5"):
+        AgentPolicy(ac, 1.5, np.random.default_rng(0), torch.device("cpu"))
