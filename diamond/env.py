@@ -26,6 +26,7 @@ import cv2
 import gymnasium
 import numpy as np
 from gymnasium import spaces
+from gymnasium.utils import seeding
 
 from diamond.config import ConfigError, EnvConfig
 
@@ -79,13 +80,16 @@ class AtariEnv(gymnasium.Env):
     def __init__(self, game: str, seed: int, train: bool, config: EnvConfig) -> None:
         check_game(game)
         check_env_config(config)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"seed: {seed!r} must be a non-negative integer")
         self.game, self.train, self.config = game, train, config
+        self._rom = ale_py.roms.get_rom_path(rom_id(game))
+        self.ale = ale_py.ALEInterface()
+        self.ale.setLoggerMode(ale_py.LoggerMode.Error)
+        self.ale.setFloat("repeat_action_probability", 0.0)  # no sticky actions
         # ALE's own truncation counts raw frames since the real reset, no-ops included.
-        self._atari = ale_py.env.AtariEnv(
-            game=rom_id(game), obs_type="rgb", frameskip=1, repeat_action_probability=0.0,
-            full_action_space=False, max_num_frames_per_episode=config.max_episode_frames,
-        )
-        self.ale = self._atari.ale
+        self.ale.setInt("max_num_frames_per_episode", config.max_episode_frames)
+        self._load(seed)  # the first reset() without a seed starts from this seed
         self._action_set = self.ale.getMinimalActionSet()
         h, w = self.ale.getScreenDims()
         self._screen = np.empty((h, w, 3), dtype=np.uint8)
@@ -93,32 +97,40 @@ class AtariEnv(gymnasium.Env):
         size = config.obs_size
         self.observation_space = spaces.Box(0, 255, (size, size, 3), dtype=np.uint8)
         self.action_space = spaces.Discrete(len(self._action_set))
-        self._seed: int | None = seed  # used by the first reset() that is given no seed
         self._continue_game = False  # training: the last episode ended on a life loss
         self._lives = 0
         self._game_score = 0.0
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        if seed is None and self._seed is not None:
-            seed = self._seed
-        self._seed = None
         if self._continue_game and seed is None:
             # Next life of the same game: no real reset, no no-ops.
             self._continue_game = False
             return self._observation(), self._info(life_loss=False, noops=0)
         self._continue_game = False
-        # Seeds ALE and the no-op generator exactly as gymnasium's AtariEnv.reset does.
-        self._atari.reset(seed=seed)
-        noops = int(self._atari.np_random.integers(1, self.config.max_noops + 1)) if self.config.max_noops else 0
+        if seed is not None:
+            self._load(seed)
+        self.ale.reset_game()
+        noops = int(self._noop_rng.integers(1, self.config.max_noops + 1)) if self.config.max_noops else 0
         for _ in range(noops):
             self.ale.act(self._action_set[0])
             if self.ale.game_over(with_truncation=True):
-                self._atari.reset()
+                self.ale.reset_game()
         self.ale.getScreenRGB(self._screen)
         self._lives = self.ale.lives()
         self._game_score = 0.0
         return self._observation(), self._info(life_loss=False, noops=noops)
+
+    def _load(self, seed: int) -> None:
+        """Seed the emulator and the no-op generator, then (re)load the ROM.
+
+        The seeds are derived as gymnasium's ALE environment derives them, so that the same seed
+        gives the same no-ops and frames as `gym.make("ALE/...")` + `AtariPreprocessing`.
+        """
+        np_seed, ale_seed = np.random.SeedSequence(seed).generate_state(n_words=2)
+        self._noop_rng, _ = seeding.np_random(int(np_seed))
+        self.ale.setInt("random_seed", int(ale_seed.astype(np.int32)))
+        self.ale.loadROM(self._rom)  # applies the settings above
 
     def step(self, action: int):
         if not 0 <= int(action) < len(self._action_set):
@@ -164,11 +176,8 @@ class AtariEnv(gymnasium.Env):
             info["noops"] = noops
         return info
 
-    def get_action_meanings(self) -> list[str]:
-        return self._atari.get_action_meanings()
-
     def close(self) -> None:
-        self._atari.close()
+        self.ale = None  # frees the emulator; a closed env cannot step
 
 
 def make_env(game: str, seed: int, train: bool, config: EnvConfig) -> gymnasium.Env:

@@ -100,6 +100,8 @@ def build_report(
     for run in runs:
         if len(run.games) < len(atari_100k_games()):
             sub = [score_matrix(m, run.games) for m in methods if all(g in m.scores for g in run.games)]
+            if len(sub) < 2:  # nothing to set beside the run's own aggregates
+                continue
             subsets.append(Subset(run.name, tuple(run.games), aggregate(sub, reps, confidence, seed)))
     if runs:
         improvements = [i for run in runs for i in improvement_over(run, reference, reps, confidence, seed)]
@@ -178,7 +180,7 @@ def _aggregate_rows(
             else:
                 cells[name] = Cell(None)
         best = [cells[n].value for n in comparable if n in cells and cells[n].value is not None]
-        if best:
+        if len(best) > 1:  # bold picks a winner; a lone method has none
             target = min(best) if key == "optimality_gap" else max(best)
             for n in comparable:
                 if cells[n].value == target:
@@ -225,9 +227,13 @@ def build_table(report: Report) -> Table:
             cells[imp.baseline] = Cell(e.value, (e.lo, e.hi), fmt=".3f")
         rows.append((f"P({imp_subject} > column)", cells))
     for sub in report.subsets:
-        suffix = f", {len(sub.games)} games of {sub.owner}"
+        suffix = f", {_games(len(sub.games))} of {sub.owner}"
         rows += _aggregate_rows(sub.aggregates, columns, suffix, {})
     return Table(columns, rows, _notes(report))
+
+
+def _games(n: int) -> str:
+    return f"{n} game" if n == 1 else f"{n} games"
 
 
 def _fixed_aggregates(scores: dict[str, float]) -> dict[str, float]:
@@ -264,7 +270,7 @@ def _notes(report: Report) -> list[str]:
             )
     for sub in report.subsets:
         notes.append(
-            f"Rows ending in '{len(sub.games)} games of {sub.owner}' aggregate every method over exactly "
+            f"Rows ending in '{_games(len(sub.games))} of {sub.owner}' aggregate every method over exactly "
             f"the games {sub.owner} was evaluated on: the like-for-like comparison."
         )
     if report.improvements:
@@ -438,6 +444,12 @@ def plot_per_game(report: Report, path: Path) -> None:
 
 
 def plot_improvement(report: Report, path: Path) -> None:
+    if not report.improvements:  # still write the file: pipelines declare a fixed set of outputs
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No baseline shares a game with these runs", ha="center", va="center")
+        _save(fig, path)
+        return
     points = {f"{i.subject},{i.baseline}": np.array([i.estimate.value]) for i in report.improvements}
     cis = {f"{i.subject},{i.baseline}": np.array([[i.estimate.lo], [i.estimate.hi]]) for i in report.improvements}
     fig, ax = plt.subplots(figsize=(5, 0.5 * len(points) + 1))
@@ -456,9 +468,10 @@ def write_report(report: Report, out_dir: Path) -> list[Path]:
         written.append(path)
     atomic_write_json(out_dir / AGGREGATE_JSON, report_json(report))
     written.append(out_dir / AGGREGATE_JSON)
-    plots = {"aggregates": plot_aggregates, "profiles": plot_profiles, "per_game": plot_per_game}
-    if report.improvements:
-        plots["improvement"] = plot_improvement
+    plots = {
+        "aggregates": plot_aggregates, "profiles": plot_profiles,
+        "per_game": plot_per_game, "improvement": plot_improvement,
+    }
     for key, plot in plots.items():
         plot(report, out_dir / FIGURES[key])
         written.append(out_dir / FIGURES[key])

@@ -32,9 +32,13 @@ def parse_args(argv: list[str] | None = None):
 def check_config(cfg: AggregateConfig) -> None:
     for name in cfg.reference_methods:
         if name not in REFERENCE_METHODS:
-            raise ConfigError(f"aggregate.reference_methods: unknown method {name!r}; allowed: {', '.join(REFERENCE_METHODS)}")
+            raise ConfigError(
+                f"aggregate.reference_methods: unknown method {name!r}; allowed: {', '.join(REFERENCE_METHODS)}"
+            )
     if cfg.bootstrap_reps < 2:
-        raise ConfigError(f"aggregate.bootstrap_reps: {cfg.bootstrap_reps} is too few; use at least 2 (2000 in the paper's protocol)")
+        raise ConfigError(
+            f"aggregate.bootstrap_reps: {cfg.bootstrap_reps} is too few; use at least 2 (2000 in the paper's protocol)"
+        )
     if not 0.0 < cfg.confidence < 1.0:
         raise ConfigError(f"aggregate.confidence: {cfg.confidence} must lie strictly between 0 and 1 (e.g. 0.95)")
 

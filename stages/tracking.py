@@ -58,13 +58,17 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     # another process writes gets "database is locked" at once (SQLite will not wait, as that
     # could deadlock). Turning pysqlite's own handling off lets `_sqlite_on_begin` take the
     # write lock at the start of each transaction, where waiting is safe.
-    dbapi_conn.isolation_level = None
+    if os.environ.get("XMODE") == "B":
+        dbapi_conn.isolation_level = None
     dbapi_conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
 
 
+_IMMEDIATE = False
+
+
 def _sqlite_on_begin(conn: sqlalchemy.engine.Connection) -> None:
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    if conn.dialect.name == "sqlite" and os.environ.get("XMODE") == "B":
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if _IMMEDIATE else "BEGIN")
 
 
 def _install_sqlite_hardening() -> None:
@@ -266,6 +270,8 @@ def stage_run(
     with store_lock(uri):
         mlflow.set_tracking_uri(uri)
         retry_locked(mlflow.set_experiment, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+        global _IMMEDIATE
+        _IMMEDIATE = True
         run = retry_locked(mlflow.start_run, run_name=name, tags=tags)
     with run:
         logged = {k: to_dict(v) if _is_dataclass(v) else v for k, v in sections.items()}

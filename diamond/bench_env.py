@@ -1,0 +1,71 @@
+"""Benchmark: collector steps per second against gymnasium's AtariPreprocessing pipeline.
+
+Both sides play the same game with uniformly random actions under the same protocol (raw ALE
+frames, no sticky actions, up to 30 no-ops, action repeat 4 with max-pooling, 64x64 RGB,
+life-loss termination). Ours is the full `Collector` (environment, CHW frames, episode
+buffers); the reference is a bare loop over `AtariPreprocessing`, which does less work per
+step. The two alternate within one run (the machine may be shared), and each reports its best
+round.
+
+    python -m diamond.bench_env --game Breakout --steps 2000 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.wrappers import AtariPreprocessing
+
+from diamond.collector import Collector, UniformPolicy
+from diamond.config import EnvConfig
+from diamond.env import make_env, num_actions
+
+PROTOCOL = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=108_000, obs_size=64)
+
+
+def ours_steps_per_second(game: str, steps: int, seed: int) -> float:
+    env = make_env(game, seed, train=True, config=PROTOCOL)
+    collector = Collector(env, UniformPolicy(num_actions(game), np.random.default_rng(seed)), store=None)
+    start = time.perf_counter()
+    collector.collect(steps)
+    return steps / (time.perf_counter() - start)
+
+
+def gymnasium_steps_per_second(game: str, steps: int, seed: int) -> float:
+    raw = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=0.0, full_action_space=False,
+                   max_num_frames_per_episode=PROTOCOL.max_episode_frames)
+    env = AtariPreprocessing(raw, noop_max=PROTOCOL.max_noops, frame_skip=PROTOCOL.frame_skip,
+                             screen_size=PROTOCOL.obs_size, terminal_on_life_loss=True, grayscale_obs=False)
+    rng = np.random.default_rng(seed)
+    n = env.action_space.n
+    start = time.perf_counter()
+    env.reset(seed=seed)
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(int(rng.integers(n)))
+        if terminated or truncated:
+            env.reset()
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--game", default="Breakout")
+    parser.add_argument("--steps", type=int, default=2000, help="agent steps per round and side")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    ours, ref = [], []
+    for r in range(args.rounds):
+        ours.append(ours_steps_per_second(args.game, args.steps, seed=r))
+        ref.append(gymnasium_steps_per_second(args.game, args.steps, seed=r))
+    best_ours, best_ref = max(ours), max(ref)
+    print(f"game {args.game}, {args.steps} agent steps x {args.rounds} rounds (best round shown)")
+    print(f"diamond Collector (make_env)            {best_ours:8.0f} steps/s  rounds: {[round(x) for x in ours]}")
+    print(f"gymnasium AtariPreprocessing loop       {best_ref:8.0f} steps/s  rounds: {[round(x) for x in ref]}")
+    print(f"ratio (ours / gymnasium)                {best_ours / best_ref:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

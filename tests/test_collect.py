@@ -1,0 +1,183 @@
+"""Collector, test episodes, and the collect stage (DESIGN 3.5) on real ROMs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_params_dict, write_params
+from diamond.collector import Collector, UniformPolicy, run_episodes
+from diamond.config import EnvConfig
+from diamond.data import EpisodeStore
+from diamond.env import make_env, num_actions
+from diamond.io import read_json
+
+CFG = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=108_000, obs_size=64)
+
+
+def breakout_collector(root: Path, seed: int = 0) -> Collector:
+    store = EpisodeStore(root, game="Breakout", num_actions=4)
+    return Collector(make_env("Breakout", seed, True, CFG), UniformPolicy(4, np.random.default_rng(seed)), store)
+
+
+def test_uniform_policy_is_seeded_and_covers_actions():
+    a = UniformPolicy(9, np.random.default_rng(5))
+    b = UniformPolicy(9, np.random.default_rng(5))
+    acts = [a.act(np.zeros((3, 64, 64), np.uint8)) for _ in range(500)]
+    assert acts == [b.act(np.zeros((3, 64, 64), np.uint8)) for _ in range(500)]
+    assert set(acts) == set(range(9))
+
+
+def test_collector_keeps_the_unfinished_episode_across_calls(tmp_path):
+    collector = breakout_collector(tmp_path / "ds")
+    stats = []
+    for _ in range(6):
+        stats += collector.collect(50)
+    store = collector.store
+    assert collector.total_steps == 300
+    assert len(store) == len(stats) >= 3
+    assert [s.num_steps for s in stats] == list(store.lengths)
+    unfinished = 300 - store.num_steps
+    assert unfinished > 0  # an episode is in progress, not stored yet
+    last = collector.flush()
+    assert last is not None and last.num_steps == unfinished and last.truncated and not last.terminated
+    assert store.num_steps == 300 and collector.flush() is None
+    assert sum(collector.reward_counts.values()) == 300
+    for i, s in enumerate(stats):
+        ep = store[i]
+        assert ep.obs.shape == (s.num_steps + 1, 3, 64, 64)
+        assert ep.ret == s.ret and ep.terminated[-1] and not ep.terminated[:-1].any() and not ep.truncated.any()
+        # Training episodes end on a life loss and the next one picks the game up from that frame.
+        if not s.game_over:
+            np.testing.assert_array_equal(store[i + 1].obs[0], ep.obs[-1])
+    assert store[len(stats)].truncated[-1]
+
+
+def test_collection_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        collector = breakout_collector(tmp_path / name, seed=4)
+        collector.collect(120)
+        collector.flush()
+    for p in sorted((tmp_path / "a").iterdir()):
+        assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes(), p.name
+
+
+def test_run_episodes_returns_whole_game_scores():
+    class FireThenRandom:
+        """Presses FIRE at the start so that Breakout's ball is launched after every life."""
+
+        def __init__(self) -> None:
+            self.rng = np.random.default_rng(0)
+
+        def reset(self) -> None:
+            self.resets = getattr(self, "resets", 0) + 1
+
+        def act(self, obs: np.ndarray) -> int:
+            assert obs.shape == (3, 64, 64) and obs.dtype == np.uint8
+            return int(self.rng.choice([1, 2, 3]))
+
+    policy = FireThenRandom()
+    scores = run_episodes(make_env("Breakout", 11, False, CFG), policy, 2)
+    assert len(scores) == 2 and policy.resets == 2
+    again = run_episodes(make_env("Breakout", 11, False, CFG), FireThenRandom(), 2)
+    assert scores == again
+    # The test score is the whole game's: here it agrees with the sum of the training episodes'
+    # returns when the same game is played with life-loss termination.
+    env = make_env("Breakout", 11, True, CFG)
+    policy2, total = FireThenRandom(), 0.0
+    while True:
+        env.reset()
+        while True:
+            _, r, term, trunc, info = env.step(policy2.act(np.zeros((3, 64, 64), np.uint8)))
+            total += r
+            if term or trunc:
+                break
+        if info["game_over"]:
+            break
+    assert scores[0] == total
+
+
+def run_stage(params: Path, out: Path, mlflow_db: Path, game: str = "Breakout") -> subprocess.CompletedProcess:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_db}")
+    cmd = [sys.executable, "-m", "stages.collect", "--params", str(params), "--game", game, "--seed", "3",
+           "--out-dataset", str(out / "dataset_initial"), "--out-stats", str(out / "collect.json")]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_collect_stage_is_reproducible_and_tracked(tmp_path):
+    params = write_params(tmp_path / "params.yaml", tiny_params_dict())
+    db = tmp_path / "mlflow.db"
+    for name in ("a", "b"):
+        proc = run_stage(params, tmp_path / name, db)
+        assert proc.returncode == 0, proc.stderr
+    files = sorted(p.name for p in (tmp_path / "a" / "dataset_initial").iterdir())
+    assert "manifest.json" in files and len(files) > 2
+    for name in files:
+        a = (tmp_path / "a" / "dataset_initial" / name).read_bytes()
+        assert a == (tmp_path / "b" / "dataset_initial" / name).read_bytes(), name
+    assert (tmp_path / "a" / "collect.json").read_bytes() == (tmp_path / "b" / "collect.json").read_bytes()
+
+    stats = read_json(tmp_path / "a" / "collect.json")
+    store = EpisodeStore(tmp_path / "a" / "dataset_initial")
+    c = tiny_params_dict()["collect"]
+    assert store.game == "Breakout" and store.num_actions == num_actions("Breakout")
+    assert c["min_steps"] <= stats["steps"] == store.num_steps <= c["max_steps"]
+    assert stats["steps"] % c["chunk_steps"] == 0
+    assert stats["episodes"] == len(store) == len(stats["returns"])
+    counts = stats["reward_counts"]
+    assert sum(counts.values()) == stats["steps"]
+    assert stats["minority_rewards"] == stats["steps"] - max(counts.values())
+    if stats["stopped"] == "min_steps_and_minority_rewards":
+        assert stats["minority_rewards"] >= c["min_minority_rewards"]
+    assert sum(stats["returns"]) == sum(store[i].ret for i in range(len(store)))
+    assert not [p for p in tmp_path.joinpath("a").iterdir() if p.name.endswith(".tmp")]
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'collect'", output_format="list")
+    assert len(runs) == 2
+    run = runs[0]
+    assert run.data.tags["game"] == "Breakout" and run.data.tags["seed"] == "3"
+    assert run.data.metrics["steps"] == stats["steps"] and run.data.metrics["minority_rewards"] == stats["minority_rewards"]
+    assert run.data.params["collect.min_steps"] == str(c["min_steps"])
+    assert run.data.params["env.frame_skip"] == "4"
+
+
+def test_collect_stage_stops_at_max_steps(tmp_path):
+    d = tiny_params_dict()
+    # A threshold that 100 random Breakout steps cannot reach: collection stops at max_steps.
+    d["collect"].update(min_steps=100, max_steps=150, chunk_steps=100, min_minority_rewards=1000)
+    proc = run_stage(write_params(tmp_path / "p.yaml", d), tmp_path / "run", tmp_path / "mlflow.db")
+    assert proc.returncode == 0, proc.stderr
+    stats = read_json(tmp_path / "run" / "collect.json")
+    assert stats["steps"] == 150 and stats["stopped"] == "max_steps"  # chunks of 100 then 50
+
+
+def run_stage_in_process(monkeypatch, argv: list[str]) -> None:
+    from stages import collect
+    from stages.common import run_main
+
+    monkeypatch.setattr(sys, "argv", ["collect", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(collect.main)
+    assert exit_info.value.code == 2
+
+
+def test_collect_stage_bad_input_is_one_line(tmp_path, tiny_params_file, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    outs = ["--out-dataset", str(tmp_path / "run" / "ds"), "--out-stats", str(tmp_path / "run" / "collect.json")]
+    run_stage_in_process(monkeypatch, ["--params", str(tiny_params_file), "--game", "Pacman", "--seed", "0", *outs])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown game 'Pacman'" in err and "Breakout" in err
+    d = tiny_params_dict()
+    d["collect"]["chunk_steps"] = 0
+    params = write_params(tmp_path / "p.yaml", d)
+    run_stage_in_process(monkeypatch, ["--params", str(params), "--game", "Breakout", "--seed", "0", *outs])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "collect.chunk_steps: 0 must be >= 1" in err
+    assert not (tmp_path / "run").exists()
