@@ -57,7 +57,7 @@ class WorldModel:
 
 def architecture_hash(cfg: WorldModelConfig) -> str:
     """What the weights' shapes and meaning depend on: the denoiser and reward model configs."""
-    return params_hash({"denoiser": cfg.denoiser, "reward_end": cfg.reward_end})
+    return params_hash(cfg.denoiser) + params_hash(cfg.reward_end)
 
 
 def build_world_model(cfg: WorldModelConfig, num_actions: int, device: torch.device) -> WorldModel:

@@ -7,9 +7,10 @@ invocation (search `tags.pipeline_id = '...'` to find them together).
 
 The default store is local: sqlite:///mlflow.db in the working directory. `snakemake -j N`
 runs stages in parallel processes against that one file, so this module makes SQLite safe
-for that: every transaction takes the write lock up front (BEGIN IMMEDIATE) and waits for it
-(busy timeout) instead of failing with "database is locked", store creation and schema
-migration happen under a file lock, and the few calls made here retry on a locked database.
+for that: creating the store (schema migrations, the experiment) happens under a file lock
+(unguarded, concurrent first runs fail with "table ... already exists"), writers wait for each
+other (busy timeout) instead of failing with "database is locked", and the calls made here
+retry on a locked database as a last resort.
 MLFLOW_TRACKING_URI points everything at a shared tracking server instead.
 """
 
@@ -52,31 +53,18 @@ T = TypeVar("T")
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
-    if not isinstance(dbapi_conn, sqlite3.Connection):
-        return
-    # pysqlite opens transactions lazily and as readers; a reader that later writes while
-    # another process writes gets "database is locked" at once (SQLite will not wait, as that
-    # could deadlock). Turning pysqlite's own handling off lets `_sqlite_on_begin` take the
-    # write lock at the start of each transaction, where waiting is safe.
-    if os.environ.get("XMODE") == "B":
-        dbapi_conn.isolation_level = None
-    dbapi_conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-
-
-_IMMEDIATE = False
-
-
-def _sqlite_on_begin(conn: sqlalchemy.engine.Connection) -> None:
-    if conn.dialect.name == "sqlite" and os.environ.get("XMODE") == "B":
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if _IMMEDIATE else "BEGIN")
+    # Wait for another process's write transaction instead of failing after pysqlite's 5 s.
+    # pysqlite begins a transaction only at its first write, so a waiting writer holds no
+    # read lock and SQLite always invokes this wait (it refuses to wait, returning "database
+    # is locked" at once, only for a reader upgrading to a writer, which would deadlock).
+    if isinstance(dbapi_conn, sqlite3.Connection):
+        dbapi_conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
 
 
 def _install_sqlite_hardening() -> None:
     """Apply to every SQLAlchemy engine of this process (MLflow creates its own)."""
-    engine_cls = sqlalchemy.engine.Engine
-    if not event.contains(engine_cls, "connect", _sqlite_on_connect):
-        event.listen(engine_cls, "connect", _sqlite_on_connect)
-        event.listen(engine_cls, "begin", _sqlite_on_begin)
+    if not event.contains(sqlalchemy.engine.Engine, "connect", _sqlite_on_connect):
+        event.listen(sqlalchemy.engine.Engine, "connect", _sqlite_on_connect)
 
 
 _install_sqlite_hardening()
@@ -270,8 +258,6 @@ def stage_run(
     with store_lock(uri):
         mlflow.set_tracking_uri(uri)
         retry_locked(mlflow.set_experiment, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
-        global _IMMEDIATE
-        _IMMEDIATE = True
         run = retry_locked(mlflow.start_run, run_name=name, tags=tags)
     with run:
         logged = {k: to_dict(v) if _is_dataclass(v) else v for k, v in sections.items()}

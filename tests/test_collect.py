@@ -148,12 +148,18 @@ def test_collect_stage_is_reproducible_and_tracked(tmp_path):
     assert run.data.params["env.frame_skip"] == "4"
 
 
-def test_collect_stage_stops_at_max_steps(tmp_path):
+def test_collect_stage_stops_at_max_steps(tmp_path, monkeypatch):
+    from stages import collect
+
     d = tiny_params_dict()
-    # A threshold that 100 random Breakout steps cannot reach: collection stops at max_steps.
+    # A threshold that 150 random Breakout steps cannot reach: collection stops at max_steps.
     d["collect"].update(min_steps=100, max_steps=150, chunk_steps=100, min_minority_rewards=1000)
-    proc = run_stage(write_params(tmp_path / "p.yaml", d), tmp_path / "run", tmp_path / "mlflow.db")
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(sys, "argv", [
+        "collect", "--params", str(write_params(tmp_path / "p.yaml", d)), "--game", "Breakout", "--seed", "0",
+        "--out-dataset", str(tmp_path / "run" / "ds"), "--out-stats", str(tmp_path / "run" / "collect.json"),
+    ])
+    collect.main()
     stats = read_json(tmp_path / "run" / "collect.json")
     assert stats["steps"] == 150 and stats["stopped"] == "max_steps"  # chunks of 100 then 50
 
