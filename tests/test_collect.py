@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_params_dict, write_params
+from conftest import tiny_params_dict, write_params
 from diamond.collector import Collector, UniformPolicy, run_episodes
 from diamond.config import EnvConfig
 from diamond.data import EpisodeStore
@@ -107,7 +107,7 @@ def run_stage(params: Path, out: Path, mlflow_db: Path, game: str = "Breakout") 
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_db}")
     cmd = [sys.executable, "-m", "stages.collect", "--params", str(params), "--game", game, "--seed", "3",
            "--out-dataset", str(out / "dataset_initial"), "--out-stats", str(out / "collect.json")]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=mlflow_db.parent, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_collect_stage_is_reproducible_and_tracked(tmp_path):
@@ -155,6 +155,7 @@ def test_collect_stage_stops_at_max_steps(tmp_path, monkeypatch):
     # A threshold that 150 random Breakout steps cannot reach: collection stops at max_steps.
     d["collect"].update(min_steps=100, max_steps=150, chunk_steps=100, min_minority_rewards=1000)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
     monkeypatch.setattr(sys, "argv", [
         "collect", "--params", str(write_params(tmp_path / "p.yaml", d)), "--game", "Breakout", "--seed", "0",
         "--out-dataset", str(tmp_path / "run" / "ds"), "--out-stats", str(tmp_path / "run" / "collect.json"),

@@ -173,3 +173,16 @@ def test_bad_config_and_action_rejected():
         make_env("Breakout", -1, True, CFG)
     env.close()
     env.close()  # idempotent
+
+
+def test_benchmark_prints_both_pipelines_and_the_ratio(monkeypatch, capsys):
+    import sys
+
+    from diamond import bench_env
+
+    monkeypatch.setattr(sys, "argv", ["bench_env", "--game", "Pong", "--steps", "50", "--rounds", "1"])
+    bench_env.main()
+    out = capsys.readouterr().out
+    assert "diamond Collector" in out and "gymnasium AtariPreprocessing" in out
+    wall, cpu = [float(x.split("x ")[0]) for x in out.split("ratio (ours / gymnasium)")[1].split(", ")]
+    assert wall > 0 and cpu > 0

@@ -66,6 +66,7 @@ class EpisodeStore:
         manifest_path = self.root / MANIFEST
         self._cache: dict[int, Episode] = {}
         self._pending: dict[int, bytes] = {}  # verified file bytes not decoded yet
+        self._lengths = np.zeros(0, dtype=np.int64)
         if manifest_path.exists():
             self._open(manifest_path, game, num_actions)
         else:
@@ -146,12 +147,14 @@ class EpisodeStore:
 
     @property
     def num_steps(self) -> int:
-        return sum(int(e["num_steps"]) for e in self._entries)
+        return int(self.lengths.sum())
 
     @property
     def lengths(self) -> np.ndarray:
-        """Steps per episode, in order of collection."""
-        return np.array([int(e["num_steps"]) for e in self._entries], dtype=np.int64)
+        """Steps per episode, in order of collection (read on every sample: kept in sync, not rebuilt)."""
+        if len(self._lengths) != len(self._entries):
+            self._lengths = np.array([int(e["num_steps"]) for e in self._entries], dtype=np.int64)
+        return self._lengths
 
     def copy_to(self, dst_root: str | Path, overwrite: bool = False) -> EpisodeStore:
         """Copy the whole store to `dst_root` (built aside, then renamed into place)."""

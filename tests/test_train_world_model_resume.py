@@ -1,0 +1,144 @@
+"""Stage train-world-model: outputs, resume after more steps are asked, and resume after a kill."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, tiny_params_dict, write_params
+from diamond.collector import Collector, UniformPolicy
+from diamond.config import params_from_dict
+from diamond.data import EpisodeStore
+from diamond.env import make_env, num_actions
+from diamond.io import ArtifactError, read_json
+from diamond.world_model import load_world_model, read_checkpoint
+from stages import train_world_model as stage
+
+GAME = "Breakout"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A real (small) uniform-policy dataset of Breakout."""
+    root = tmp_path_factory.mktemp("data") / "dataset_initial"
+    d = tiny_params_dict()
+    p = params_from_dict(d)
+    store = EpisodeStore(root, game=GAME, num_actions=num_actions(GAME))
+    collector = Collector(make_env(GAME, 0, True, p.env), UniformPolicy(num_actions(GAME), np.random.default_rng(0)), store)
+    collector.collect(150)
+    collector.flush()
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_local_mlflow(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic reductions and no oversubscription on shared CPUs
+    yield
+    torch.set_num_threads(threads)
+
+
+def params_file(path: Path, steps: int, every: int = 2) -> Path:
+    d = tiny_params_dict()
+    d["world_model"].update(denoiser_steps=steps, reward_end_steps=steps, checkpoint_every_steps=every, log_every_steps=1)
+    d["evaluate"].update(fidelity_horizons=[1, 2], gif_frames=3)
+    return write_params(path, d)
+
+
+def stage_args(params: Path, out: Path, dataset: Path) -> list[str]:
+    return [
+        "--params", str(params), "--game", GAME, "--seed", "0", "--dataset", str(dataset),
+        "--out-checkpoint", str(out / "world_model.pt"), "--out-metrics", str(out / "world_model.json"),
+        "--out-curve", str(out / "world_model_curve.csv"), "--out-media", str(out / "media"),
+    ]
+
+
+def run_in_process(params: Path, out: Path, dataset: Path) -> None:
+    ns = argparse.Namespace(
+        params=str(params), game=GAME, seed=0, dataset=dataset, out_checkpoint=out / "world_model.pt",
+        out_metrics=out / "world_model.json", out_curve=out / "world_model_curve.csv", out_media=out / "media",
+    )
+    from diamond.config import load_params
+
+    stage.run(ns, load_params(params))
+
+
+def adam_steps(ckpt: dict, name: str) -> set[int]:
+    return {int(s["step"]) for s in ckpt[name]["optimizer"]["state"].values()}
+
+
+def test_more_steps_resume_exactly(tmp_path, dataset, capsys):
+    # 3 steps, then 5 asked of the same run: continues from 3 and matches a straight 5-step run.
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    run_in_process(params_file(tmp_path / "p3.yaml", 3), resumed, dataset)
+    first = read_checkpoint(resumed / "world_model.pt")
+    assert first["denoiser_trainer"]["num_steps"] == 3 and adam_steps(first, "denoiser_trainer") == {3}
+    assert not (resumed / "world_model.pt.partial").exists()
+    run_in_process(params_file(tmp_path / "p5.yaml", 5), resumed, dataset)
+    assert "resumed from" in capsys.readouterr().out
+    run_in_process(params_file(tmp_path / "p5b.yaml", 5), straight, dataset)
+    a, b = read_checkpoint(resumed / "world_model.pt"), read_checkpoint(straight / "world_model.pt")
+    for name in ("denoiser_trainer", "reward_end_trainer"):
+        assert a[name]["num_steps"] == b[name]["num_steps"] == 5
+        assert adam_steps(a, name) == {5}  # the optimiser state continued, not restarted
+    for name in ("denoiser", "reward_end"):
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"{name}.{k} differs after resume"
+    # The curve of the resumed run is whole (iterations 1..5) and equal to the straight run's.
+    curve_a = (resumed / "world_model_curve.csv").read_text().splitlines()
+    assert curve_a == (straight / "world_model_curve.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in curve_a[1:]] == ["1", "2", "3", "4", "5"]
+    # Outputs: metrics with fidelity beside the repeat-last baseline, a GIF, a loadable model.
+    m = read_json(resumed / "world_model.json")
+    h1 = m["fidelity"]["open_loop"]["horizons"]["1"]
+    assert {"mse", "mse_repeat_last", "psnr", "psnr_repeat_last"} <= set(h1)
+    assert set(m["fidelity"]["reward_end"]["reward"]["recall"]) == {"negative", "zero", "positive"}
+    assert (resumed / "media" / "imagination.gif").read_bytes()[:3] == b"GIF"
+    wm = load_world_model(resumed / "world_model.pt", torch.device("cpu"), params_from_dict(tiny_params_dict()).world_model)
+    assert wm.denoiser_steps == 5 and wm.num_actions == num_actions(GAME)
+
+
+def test_killed_run_resumes_from_partial_checkpoint(tmp_path, dataset):
+    out = tmp_path / "run"
+    long = params_file(tmp_path / "long.yaml", 10_000, every=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train_world_model", *stage_args(long, out, dataset)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    partial = out / "world_model.pt.partial"
+    deadline = time.time() + 240
+    try:
+        while not partial.exists():
+            assert proc.poll() is None, f"stage exited early: {proc.stdout.read().decode()[-2000:]}"
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed = read_checkpoint(partial)
+    k = killed["denoiser_trainer"]["num_steps"]
+    assert 1 <= k < 10_000 and not (out / "world_model.pt").exists()
+    # Rerun asking 2 more steps than were saved: it resumes from the partial checkpoint.
+    run_in_process(params_file(tmp_path / "more.yaml", k + 2, every=1), out, dataset)
+    done = read_checkpoint(out / "world_model.pt")
+    assert done["denoiser_trainer"]["num_steps"] == k + 2 and adam_steps(done, "denoiser_trainer") == {k + 2}
+    assert done["iteration"] == k + 2 and not partial.exists()
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, dataset):
+    p = params_file(tmp_path / "p.yaml", 2)
+    with pytest.raises(ArtifactError, match="dataset not found"):
+        run_in_process(p, tmp_path / "x", tmp_path / "missing")
+    res = subprocess.run([sys.executable, "-m", "stages.train_world_model", *stage_args(p, tmp_path / "y", tmp_path / "missing")],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 2 and res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1
