@@ -77,6 +77,7 @@ def adam_steps(ckpt: dict, name: str) -> set[int]:
     return {int(s["step"]) for s in ckpt[name]["optimizer"]["state"].values()}
 
 
+@pytest.mark.slow
 def test_more_steps_resume_exactly(tmp_path, dataset, capsys):
     # 3 steps, then 5 asked of the same run: continues from 3 and matches a straight 5-step run.
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
@@ -108,6 +109,7 @@ def test_more_steps_resume_exactly(tmp_path, dataset, capsys):
     assert wm.denoiser_steps == 5 and wm.num_actions == num_actions(GAME)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_partial_checkpoint(tmp_path, dataset):
     out = tmp_path / "run"
     long = params_file(tmp_path / "long.yaml", 10_000, every=1)

@@ -1,0 +1,185 @@
+# The DIAMOND Atari 100k pipeline for Snakemake: the same DAG and the same stage commands as
+# dvc.yaml, over the games x seeds of a params file.
+#
+#   snakemake -j 2                                        # params.yaml, local (profiles/default)
+#   snakemake -n --config params=configs/paper.yaml       # dry run of the paper's 26 x 5 runs
+#   snakemake --profile profiles/slurm --config params=configs/paper.yaml    # on a SLURM cluster
+#
+# Rerun rules (profiles/default/config.yaml): `--rerun-triggers code params input
+# software-env`, without `mtime`, because DVC does not keep file timestamps on checkout. So that
+# editing a params key or a source file still reruns exactly the stages that read it, each
+# rule's `params` carries a digest of the params keys and of the source files the stage reads
+# (the same lists that dvc.yaml declares, from stages/pipeline.py).
+
+import os
+import shlex
+import sys
+import time
+import uuid
+
+sys.path.insert(0, workflow.basedir)
+from stages import pipeline  # noqa: E402  (standard library and PyYAML only)
+
+PARAMS_FILE = config.get("params", "params.yaml")
+P = pipeline.load_raw(PARAMS_FILE)
+RUNS = pipeline.runs(P)
+PY = shlex.quote(sys.executable)
+ON_GPU = P["device"] != "cpu"
+
+# One id for every MLflow run of this invocation (tag pipeline_id). Cluster jobs re-read this
+# file but inherit the variable from the submitting process, so they keep the same id.
+os.environ.setdefault(
+    "DIAMOND_PIPELINE_ID", f"snakemake-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+)
+
+wildcard_constraints:
+    game="[A-Za-z]+",
+    seed="[0-9]+",
+
+RUN = "runs/{game}-{seed}"
+ARGS = "--params {PARAMS_FILE} --game {wildcards.game} --seed {wildcards.seed}"
+
+
+def rerun_digests(stage):
+    """Rule params: a change in what the stage reads reruns it (`--rerun-triggers params`)."""
+    return {"config": pipeline.params_digest(P, stage), "code": pipeline.code_digest(stage)}
+
+
+def res(cpu_threads, gpu_threads, mem_mb, runtime_min, gpu=False):
+    """Resources of a rule. Runtimes and memory are for the paper's scale on one GPU (the
+    paper reports ~2.9 days per run on an RTX 4090); the small default needs far less."""
+    return {
+        "threads": gpu_threads if ON_GPU else cpu_threads,
+        "mem_mb": mem_mb,
+        "runtime": runtime_min,
+        "gpu": 1 if (gpu and ON_GPU) else 0,
+    }
+
+
+R = {
+    "collect": res(1, 2, 8_000, 120),
+    "train_world_model": res(1, 8, 32_000, 24 * 60, gpu=True),
+    "train_agent": res(1, 8, 64_000, 4 * 24 * 60, gpu=True),
+    "evaluate": res(1, 4, 16_000, 12 * 60, gpu=True),
+    "aggregate": res(1, 1, 4_000, 60),
+}
+
+
+rule all:
+    input:
+        "reports/atari100k_table.md",
+
+
+rule collect:
+    output:
+        dataset=directory(RUN + "/dataset_initial"),
+        stats=RUN + "/collect.json",
+    params:
+        **rerun_digests("collect"),
+    log:
+        "logs/collect/{game}-{seed}.log",
+    threads: R["collect"]["threads"]
+    resources:
+        mem_mb=R["collect"]["mem_mb"],
+        runtime=R["collect"]["runtime"],
+        gpu=R["collect"]["gpu"],
+    shell:
+        "OMP_NUM_THREADS={threads} {PY} -m stages.collect " + ARGS + " "
+        "--out-dataset {output.dataset} --out-stats {output.stats} > {log} 2>&1"
+
+
+rule train_world_model:
+    input:
+        dataset=RUN + "/dataset_initial",
+    output:
+        checkpoint=RUN + "/world_model.pt",
+        metrics=RUN + "/world_model.json",
+        curve=RUN + "/world_model_curve.csv",
+        media=directory(RUN + "/world_model_media"),
+    params:
+        **rerun_digests("train-world-model"),
+    log:
+        "logs/train_world_model/{game}-{seed}.log",
+    threads: R["train_world_model"]["threads"]
+    resources:
+        mem_mb=R["train_world_model"]["mem_mb"],
+        runtime=R["train_world_model"]["runtime"],
+        gpu=R["train_world_model"]["gpu"],
+    shell:
+        "OMP_NUM_THREADS={threads} {PY} -m stages.train_world_model " + ARGS + " "
+        "--dataset {input.dataset} --out-checkpoint {output.checkpoint} "
+        "--out-metrics {output.metrics} --out-curve {output.curve} --out-media {output.media} "
+        "> {log} 2>&1"
+
+
+rule train_agent:
+    input:
+        dataset=RUN + "/dataset_initial",
+        world_model=RUN + "/world_model.pt",
+    output:
+        checkpoint=RUN + "/agent.pt",
+        dataset=directory(RUN + "/dataset"),
+        metrics=RUN + "/agent.json",
+        curve=RUN + "/agent_curve.csv",
+    params:
+        # resume scratch, not an output: a job killed at the time limit resumes when rerun
+        state_dir=RUN + "/agent_state",
+        **rerun_digests("train-agent"),
+    log:
+        "logs/train_agent/{game}-{seed}.log",
+    threads: R["train_agent"]["threads"]
+    resources:
+        mem_mb=R["train_agent"]["mem_mb"],
+        runtime=R["train_agent"]["runtime"],
+        gpu=R["train_agent"]["gpu"],
+    shell:
+        "OMP_NUM_THREADS={threads} {PY} -m stages.train_agent " + ARGS + " "
+        "--dataset {input.dataset} --world-model {input.world_model} "
+        "--out-checkpoint {output.checkpoint} --out-dataset {output.dataset} "
+        "--out-metrics {output.metrics} --out-curve {output.curve} --state-dir {params.state_dir} "
+        "> {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        agent=RUN + "/agent.pt",
+        dataset=RUN + "/dataset",
+    output:
+        score=RUN + "/score.json",
+        fidelity=RUN + "/evaluate_fidelity.json",
+        media=directory(RUN + "/evaluate_media"),
+    params:
+        **rerun_digests("evaluate"),
+    log:
+        "logs/evaluate/{game}-{seed}.log",
+    threads: R["evaluate"]["threads"]
+    resources:
+        mem_mb=R["evaluate"]["mem_mb"],
+        runtime=R["evaluate"]["runtime"],
+        gpu=R["evaluate"]["gpu"],
+    shell:
+        "OMP_NUM_THREADS={threads} {PY} -m stages.evaluate " + ARGS + " "
+        "--agent {input.agent} --dataset {input.dataset} --out-score {output.score} "
+        "--out-fidelity {output.fidelity} --out-media {output.media} > {log} 2>&1"
+
+
+rule aggregate:
+    input:
+        scores=pipeline.score_files(P),
+    output:
+        table="reports/atari100k_table.md",
+        csv="reports/atari100k_table.csv",
+        tex="reports/atari100k_table.tex",
+        json="reports/atari100k_aggregate.json",
+    params:
+        **rerun_digests("aggregate"),
+    log:
+        "logs/aggregate.log",
+    threads: R["aggregate"]["threads"]
+    resources:
+        mem_mb=R["aggregate"]["mem_mb"],
+        runtime=R["aggregate"]["runtime"],
+        gpu=R["aggregate"]["gpu"],
+    shell:
+        "{PY} -m stages.aggregate --params {PARAMS_FILE} --results {input.scores} --out reports "
+        "> {log} 2>&1"

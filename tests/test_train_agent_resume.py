@@ -1,0 +1,97 @@
+"""Kill train-agent mid-run, restart it: same real steps and the same episodes as an uninterrupted
+run, nothing duplicated or lost; then a params change starts fresh instead of resuming."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_params
+from agent_helpers import agent_params_dict, agent_paths, prepare_run, run_stage, stage_args, stage_env
+from diamond.data import EpisodeStore
+from diamond.config import params_from_dict
+from diamond.io import ArtifactError, load_torch, read_json
+from stages.train_agent import run_key
+
+pytestmark = pytest.mark.slow
+
+
+def _episodes(root: Path) -> list[tuple[bytes, bytes, bytes]]:
+    store = EpisodeStore(root)
+    return [(store[i].act.tobytes(), store[i].rew.tobytes(), store[i].obs.tobytes()) for i in range(len(store))]
+
+
+def _kill_after_checkpoint_with_newer_episodes(args: list[str], cwd: Path, env: dict, state_dir: Path) -> int:
+    """Start the stage; SIGKILL it once a checkpoint exists and episodes were appended after it."""
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                saved = load_torch(state_dir / "state.pt")["num_episodes"]
+                now = json.loads((state_dir / "dataset" / "manifest.json").read_text())["num_episodes"]
+            except (ArtifactError, FileNotFoundError, json.JSONDecodeError, KeyError):
+                time.sleep(0.05)
+                continue
+            if now > saved:
+                proc.kill()
+                proc.wait()
+                return saved
+            time.sleep(0.05)
+        raise AssertionError(f"no kill point reached (rc={proc.poll()}): {proc.stderr.read()[-2000:] if proc.stderr else ''}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
+    params_dict = agent_params_dict(total_env_steps=400, checkpoint_every_epochs=2, test_every_epochs=3)
+    params, run = prepare_run(tmp_path, params_dict, train_world_model=False)
+    # Two copies of the same inputs: one run is left alone, the other is killed and restarted.
+    other = tmp_path / "interrupted"
+    shutil.copytree(run, other)
+
+    done = run_stage("train_agent", params, tmp_path, **agent_paths(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    paths = agent_paths(other)
+    saved = _kill_after_checkpoint_with_newer_episodes(
+        stage_args("train_agent", params, tmp_path, **paths), tmp_path, stage_env(tmp_path), paths["state_dir"])
+    assert not paths["out_checkpoint"].exists()  # outputs appear only on completion
+    done = run_stage("train_agent", params, tmp_path, **paths)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+
+    uninterrupted, resumed = read_json(run / "agent.json"), read_json(other / "agent.json")
+    assert resumed["env_steps"] == uninterrupted["env_steps"] == 400
+    assert EpisodeStore(other / "dataset").num_steps == 400
+    a, b = _episodes(run / "dataset"), _episodes(other / "dataset")
+    assert len(b) == len(a) > saved
+    assert a == b  # same episodes, same order: none lost, none duplicated
+    for key in ("epochs", "episodes", "actor_critic_steps", "denoiser_steps", "final_test_return_mean"):
+        assert resumed[key] == uninterrupted[key], key
+    np.testing.assert_array_equal(
+        load_torch(run / "agent.pt")["actor_critic"]["actor.weight"].numpy(),
+        load_torch(other / "agent.pt")["actor_critic"]["actor.weight"].numpy(),
+    )
+
+    # A changed params file does not resume the saved state: it starts fresh, and says why.
+    saved_key = load_torch(paths["state_dir"] / "state.pt")["run_key"]
+    assert saved_key == run_key(params_from_dict(params_dict), "Breakout", 0, paths["dataset"], paths["world_model"])
+    params_dict["agent"]["epsilon"] = 0.5
+    write_params(params, params_dict)
+    proc = subprocess.Popen(stage_args("train_agent", params, tmp_path, **paths), cwd=tmp_path,
+                            env=stage_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = proc.stdout.readline() if proc.stdout else ""
+    finally:
+        proc.kill()
+        proc.wait()
+    assert f"started fresh (saved state has params/input hash {saved_key}" in first
