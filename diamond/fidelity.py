@@ -35,7 +35,7 @@ from diamond.models.reward_end import NUM_END_CLASSES, NUM_REWARD_CLASSES, Rewar
 from diamond.sampler import DiffusionSampler
 
 HELDOUT_STREAM = 7919  # stream id of the held-out environment and policy seeds
-MAX_ROLLOUTS_PER_EPISODE = 4
+MAX_ROLLOUTS_PER_EPISODE = 16
 REWARD_CLASS_NAMES = ("negative", "zero", "positive")
 END_CLASS_NAMES = ("continue", "end")
 GIF_SCALE = 2  # nearest-neighbour upscaling of the 64x64 frames in the GIF

@@ -112,7 +112,10 @@ def _project_imports(tree: ast.AST) -> list[str]:
 
 
 def code_files(module: str) -> list[str]:
-    """Project source files `module` imports, transitively (parent packages included)."""
+    """Project source files `module` imports, transitively (parent packages included).
+
+    Empty files (bare `__init__.py`) are left out: DVC warns about empty dependencies, and a
+    file that gains content is then listed, so the dvc.yaml check notices it."""
     seen: set[Path] = set()
     todo = [module]
     while todo:
@@ -124,7 +127,7 @@ def code_files(module: str) -> list[str]:
             continue
         seen.add(path)
         todo += _project_imports(ast.parse(path.read_text(), filename=str(path)))
-    return sorted(p.relative_to(ROOT).as_posix() for p in seen)
+    return sorted(p.relative_to(ROOT).as_posix() for p in seen if p.stat().st_size > 0)
 
 
 def stage_code_files(stage: str) -> list[str]:
