@@ -1,0 +1,111 @@
+"""A throw-away copy of this repository for running the real pipelines (dvc, snakemake) on.
+
+The copy holds the files git would commit (tracked plus untracked-but-not-ignored), tiny params
+as params.yaml, and one commit, so git_commit tags and `dvc exp` work as in a real clone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import yaml
+
+from conftest import ROOT, tiny_params_dict, write_params
+
+VENV_BIN = Path(sys.executable).parent
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.org",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.org"}
+EXPERIMENT = "diamond-atari100k"
+STAGES = ("collect", "train-world-model", "train-agent", "evaluate")
+
+
+def pipeline_params(seeds: list[int]) -> dict:
+    """tiny_params_dict() made smaller still where only the wiring is under test: every stage
+    runs its real code path, in seconds."""
+    d = tiny_params_dict()
+    d["seeds"] = seeds
+    d["env"]["max_episode_frames"] = 2000  # test episodes of an untrained agent end soon
+    wm = d["world_model"]
+    wm["denoiser"].update(channels=[8, 8], cond_channels=16, num_groups_channels=8)
+    wm["sampler"]["num_steps"] = 1
+    wm.update(denoiser_steps=4, reward_end_steps=4)
+    d["actor_critic"].update(horizon=2, batch_size=2)
+    d["agent"].update(total_env_steps=300, first_epoch_actor_critic_steps=1, denoiser_steps_per_epoch=1,
+                      reward_end_steps_per_epoch=1, actor_critic_steps_per_epoch=1, test_every_epochs=100)
+    d["evaluate"].update(episodes=2, fidelity_episodes=1, fidelity_horizons=[1, 2], gif_frames=4)
+    return d
+
+
+def project_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=ROOT, check=True, capture_output=True).stdout.decode()
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
+def make_repo(dest: Path, params: dict) -> Path:
+    dest.mkdir(parents=True)
+    for rel in project_files():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    # generated results of the developer's own runs are not part of a fresh clone
+    for rel in ("dvc.lock", "runs", "mlflow.db", ".snakemake"):
+        p = dest / rel
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    write_params(dest / "params.yaml", params)
+    git(dest, "init", "-q")
+    commit_all(dest, "fresh clone")
+    return dest
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}).stdout
+
+
+def commit_all(repo: Path, message: str) -> None:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "--allow-empty", "-m", message)
+
+
+def tool_env(store: Path) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{store}", **GIT_ENV}
+    env.pop("DIAMOND_PIPELINE_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_NAME", None)
+    return env
+
+
+def run_tool(repo: Path, store: Path, *cmd: str, timeout: int = 600) -> str:
+    """Run dvc/snakemake in `repo`; fail the test with the tool's output tail if it fails."""
+    p = subprocess.run(list(cmd), cwd=repo, env=tool_env(store), capture_output=True, text=True,
+                       timeout=timeout)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-4000:]}"
+    return out
+
+
+def dvc_stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def set_param(repo: Path, key: str, value) -> None:
+    path = repo / "params.yaml"
+    d = yaml.safe_load(path.read_text())
+    node = d
+    *parents, last = key.split(".")
+    for k in parents:
+        node = node[k]
+    node[last] = value
+    write_params(path, d)
+
+
+def mlflow_runs(store: Path) -> pd.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    return mlflow.search_runs(experiment_names=[EXPERIMENT])
