@@ -6,6 +6,7 @@ Test episodes do not end on life loss (train=False) and the policy keeps samplin
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -84,8 +85,6 @@ def write_gif(path: str | Path, frames: list[np.ndarray], scale: int = 2, fps: i
     if not frames:
         raise ValueError(f"{path}: no frames to write")
     images = [np.repeat(np.repeat(f.transpose(1, 2, 0), scale, 0), scale, 1) for f in frames]
-    import io
-
     buf = io.BytesIO()
     imageio.mimsave(buf, images, format="GIF", duration=1000 / fps, loop=0)
     atomic_write_bytes(path, buf.getvalue())

@@ -82,13 +82,14 @@ def tool_env(store: Path) -> dict[str, str]:
     return env
 
 
-def run_tool(repo: Path, store: Path, *cmd: str, timeout: int = 600) -> str:
-    """Run dvc/snakemake in `repo`; fail the test with the tool's output tail if it fails."""
+def run_tool(repo: Path, store: Path, *cmd: str, timeout: int = 600, stdout_only: bool = False) -> str:
+    """Run dvc/snakemake in `repo`; fail the test with the tool's output tail if it fails.
+    Returns stdout and stderr together (the tools log to stderr), or stdout alone."""
     p = subprocess.run(list(cmd), cwd=repo, env=tool_env(store), capture_output=True, text=True,
                        timeout=timeout)
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-4000:]}"
-    return out
+    return p.stdout if stdout_only else out
 
 
 def dvc_stages_run(output: str) -> set[str]:

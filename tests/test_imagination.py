@@ -3,15 +3,14 @@ started from real Breakout episodes: burn-in, horizon truncation, restarts on te
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_params_dict
 from diamond.agent import imagination_loss, real_data_loss
 from diamond.collector import Collector, UniformPolicy
-from conftest import tiny_params_dict
 from diamond.config import Params, params_from_dict
 from diamond.data import EpisodeStore, SegmentSampler
 from diamond.env import make_env, num_actions

@@ -144,9 +144,9 @@ def test_episode_count_experiment_reruns_only_evaluate_and_aggregate(pipeline: d
     out = run_tool(repo, store, "dvc", "exp", "run", "-S", "evaluate.episodes=3")
     assert dvc_stages_run(out) == {"evaluate@Breakout-0", "aggregate"}
     assert json.loads((repo / RUN / "score.json").read_text())["num_episodes"] == 3
-    diff = json.loads(run_tool(repo, store, "dvc", "metrics", "diff", "--json"))
+    diff = json.loads(run_tool(repo, store, "dvc", "metrics", "diff", "--json", stdout_only=True))
     assert diff[f"{RUN}/score.json"]["num_episodes"] == {"old": 2, "new": 3, "diff": 1}
-    exps = run_tool(repo, store, "dvc", "exp", "show", "--csv")
+    exps = run_tool(repo, store, "dvc", "exp", "show", "--csv", stdout_only=True)
     assert "evaluate.episodes" in exps.splitlines()[0] and ",3," in exps
     run_tool(repo, store, "dvc", "plots", "show", "-o", "plots_html")
     assert (repo / "plots_html" / "index.html").is_file()

@@ -1,0 +1,125 @@
+"""The Snakefile: the same DAG as dvc.yaml, run for real with two parallel jobs on a shared
+SQLite MLflow store, rerunning only what a change invalidates (never on timestamps alone), and
+the paper-scale and SLURM-profile dry runs."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from pipeline_repo import STAGES, make_repo, mlflow_runs, pipeline_params, run_tool, set_param
+
+RULES = ("collect", "train_world_model", "train_agent", "evaluate")
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """The `Job stats` table of a dry run: rule -> number of jobs."""
+    table = dry_run_output.split("Job stats:", 1)[1] if "Job stats:" in dry_run_output else ""
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+def dry_run(repo: Path, store: Path, *args: str) -> dict[str, int]:
+    return job_counts(run_tool(repo, store, "snakemake", "-n", "--quiet", "rules", *args))
+
+
+@pytest.fixture(scope="module")
+def paper_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clone (default params unchanged) where the paper config is chosen on the command line."""
+    tmp = tmp_path_factory.mktemp("smk_paper")
+    return make_repo(tmp / "repo", yaml.safe_load((ROOT / "params.yaml").read_text()))
+
+
+def test_paper_scale_dry_run_lists_26_games_by_5_seeds(paper_repo: Path, tmp_path: Path) -> None:
+    counts = dry_run(paper_repo, tmp_path / "m.db", "--config", "params=configs/paper.yaml")
+    assert counts == {**{r: 130 for r in RULES}, "aggregate": 1, "all": 1}
+
+
+def test_slurm_profile_dry_run_requests_gpus_for_training(paper_repo: Path, tmp_path: Path) -> None:
+    out = run_tool(paper_repo, tmp_path / "m.db", "snakemake", "--profile", "profiles/slurm", "-n",
+                   "--config", "params=configs/paper.yaml")
+    assert job_counts(out)["train_agent"] == 130
+    resources = dict(re.findall(r"^rule (\w+):.*?^\s+resources: ([^\n]+)", out, re.M | re.S))
+    for rule in ("train_world_model", "train_agent"):
+        assert "gpu=1" in resources[rule] and "runtime=" in resources[rule] and "mem_mb=" in resources[rule]
+    assert "gpu=1" not in resources["collect"]
+    assert (ROOT / "profiles" / "slurm" / "config.yaml").read_text().count("executor: slurm") == 1
+
+
+def test_cpu_params_request_no_gpu(paper_repo: Path, tmp_path: Path) -> None:
+    out = run_tool(paper_repo, tmp_path / "m.db", "snakemake", "-n")  # params.yaml: device cpu
+    assert "gpu=1" not in out and job_counts(out)["train_agent"] == 1
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: two seeds, `snakemake -j 2`
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("smk_e2e")
+    repo = make_repo(tmp / "repo", pipeline_params(seeds=[0, 1]))
+    store = tmp / "mlflow.db"
+    out = run_tool(repo, store, "snakemake", "-j", "2")
+    return {"repo": repo, "store": store, "out": out}
+
+
+@pytest.mark.slow
+def test_two_parallel_jobs_run_every_stage_and_lose_no_mlflow_run(pipeline: dict) -> None:
+    repo = pipeline["repo"]
+    for seed in (0, 1):
+        assert (repo / f"runs/Breakout-{seed}/score.json").is_file()
+        for rule in RULES:
+            assert (repo / f"logs/{rule}/Breakout-{seed}.log").is_file()
+    assert "| Breakout " in (repo / "reports" / "atari100k_table.md").read_text()
+    runs = mlflow_runs(pipeline["store"])
+    expected = {f"{s}/Breakout-{seed}" for s in STAGES for seed in (0, 1)} | {"aggregate"}
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(expected)
+    assert (runs["status"] == "FINISHED").all()
+    ids = set(runs["tags.pipeline_id"])
+    assert len(ids) == 1 and ids.pop().startswith("snakemake-")
+    for _, run in runs.iterrows():
+        metrics = [c for c in runs.columns if c.startswith("metrics.")]
+        assert run[metrics].notna().any(), run["tags.mlflow.runName"]
+
+
+@pytest.mark.slow
+def test_nothing_reruns_and_timestamps_alone_trigger_nothing(pipeline: dict) -> None:
+    repo, store = pipeline["repo"], pipeline["store"]
+    assert "Nothing to be done" in run_tool(repo, store, "snakemake", "-n")
+    # what a DVC checkout does to files: new timestamps, same content
+    for p in (repo / "runs").rglob("*"):
+        os.utime(p)
+    assert "Nothing to be done" in run_tool(repo, store, "snakemake", "-n")
+
+
+@pytest.mark.slow
+def test_changes_rerun_exactly_the_stages_that_read_them(pipeline: dict) -> None:
+    repo, store = pipeline["repo"], pipeline["store"]
+    original = (repo / "params.yaml").read_text()
+    try:
+        set_param(repo, "world_model.reward_end_steps", 5)
+        assert dry_run(repo, store) == {"train_world_model": 2, "train_agent": 2, "evaluate": 2, "aggregate": 1,
+                                        "all": 1}
+        (repo / "params.yaml").write_text(original)
+        set_param(repo, "evaluate.episodes", 3)
+        assert dry_run(repo, store) == {"evaluate": 2, "aggregate": 1, "all": 1}
+        (repo / "params.yaml").write_text(original)
+        set_param(repo, "aggregate.bootstrap_reps", 20)
+        assert dry_run(repo, store) == {"aggregate": 1, "all": 1}
+    finally:
+        (repo / "params.yaml").write_text(original)
+    # a source change reruns the stages that import it
+    evaluate_py = repo / "stages" / "evaluate.py"
+    code = evaluate_py.read_text()
+    try:
+        evaluate_py.write_text(code + "\n# changed\n")
+        assert dry_run(repo, store) == {"evaluate": 2, "aggregate": 1, "all": 1}
+    finally:
+        evaluate_py.write_text(code)
+    assert "Nothing to be done" in run_tool(repo, store, "snakemake", "-n")
