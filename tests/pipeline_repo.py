@@ -75,8 +75,9 @@ def commit_all(repo: Path, message: str) -> None:
 
 
 def tool_env(store: Path) -> dict[str, str]:
+    # one torch thread per stage: oversubscribed threads on a shared CPU slow small models badly
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{store}", **GIT_ENV}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "OMP_NUM_THREADS": "1", **GIT_ENV}
     env.pop("DIAMOND_PIPELINE_ID", None)
     env.pop("MLFLOW_EXPERIMENT_NAME", None)
     return env
