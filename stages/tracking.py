@@ -134,8 +134,9 @@ def git_commit() -> str:
 
 
 def git_dirty() -> bool:
-    """Uncommitted changes to tracked files (generated files are gitignored)."""
-    return bool(_git("status", "--porcelain", "--untracked-files=no"))
+    """Uncommitted changes to tracked files; dvc.lock, which `dvc repro` rewrites as it goes,
+    does not count (generated artifacts are gitignored)."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"))
 
 
 def params_file_from_argv(argv: list[str] | None = None) -> Path:

@@ -118,6 +118,18 @@ def test_pipeline_id_shared_by_commit_and_params_overridden_by_env(tmp_path: Pat
     assert tracking.pipeline_id(p) == "sweep-42"
 
 
+def test_git_dirty_ignores_dvc_lock_but_not_source_changes(tmp_path: Path, monkeypatch) -> None:
+    git_repo(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.lock").write_text("a\n")
+    subprocess.run(["git", "add", "dvc.lock"], check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], check=True)
+    (tmp_path / "dvc.lock").write_text("b\n")  # what `dvc repro` does between stages
+    assert not tracking.git_dirty()
+    (tmp_path / "README").write_text("edited\n")
+    assert tracking.git_dirty()
+
+
 def test_params_file_is_read_from_the_stage_arguments() -> None:
     assert tracking.params_file_from_argv(["x", "--game", "Pong", "--params", "cfg/p.yaml"]) == Path("cfg/p.yaml")
     assert tracking.params_file_from_argv(["x", "--params=q.yaml"]) == Path("q.yaml")
