@@ -18,6 +18,7 @@ def tiny_params_dict() -> dict:
     d = yaml.safe_load((ROOT / "params.yaml").read_text())
     d = copy.deepcopy(d)
     d["games"], d["seeds"], d["device"] = ["Breakout"], [0], "cpu"
+    d["env"].update(obs_size=32, max_episode_frames=2000)  # test episodes of an untrained agent end soon
     d["collect"].update(min_steps=200, max_steps=400, chunk_steps=100, min_minority_rewards=1)
     den = d["world_model"]["denoiser"]
     den.update(cond_channels=32, channels=[16, 16], depths=[1, 1], attention=[False, False], num_groups_channels=16)

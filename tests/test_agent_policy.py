@@ -20,7 +20,7 @@ GAME = "Breakout"  # 4 actions
 
 def _biased_actor(params: Params, favourite: int) -> ActorCritic:
     """An actor that (all but) always picks `favourite`, so exploration is what shows in the data."""
-    ac = ActorCritic(params.actor_critic, num_actions(GAME))
+    ac = ActorCritic(params.actor_critic, num_actions(GAME), params.env.obs_size)
     with torch.no_grad():
         ac.actor.bias[favourite] = 50.0
     return ac
@@ -56,10 +56,10 @@ def test_epsilon_zero_follows_the_policy(tiny_params: Params, tmp_path: Path) ->
 
 def test_same_seed_same_actions_and_reset_clears_memory(tiny_params: Params) -> None:
     torch.manual_seed(0)
-    ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME))
+    ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME), tiny_params.env.obs_size)
     with torch.no_grad():  # non-zero heads so the memory matters to the action distribution
         ac.actor.weight.normal_(0, 1.0)
-    frames = np.random.default_rng(1).integers(0, 256, size=(20, 3, 64, 64), dtype=np.uint8)
+    frames = np.random.default_rng(1).integers(0, 256, size=(20, 3, tiny_params.env.obs_size, tiny_params.env.obs_size), dtype=np.uint8)
 
     def play(seed: int) -> list[int]:
         policy = AgentPolicy(ac, 0.1, np.random.default_rng(seed), torch.device("cpu"))
@@ -76,6 +76,6 @@ def test_same_seed_same_actions_and_reset_clears_memory(tiny_params: Params) -> 
 
 
 def test_bad_epsilon_is_a_clear_error(tiny_params: Params) -> None:
-    ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME))
+    ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME), tiny_params.env.obs_size)
     with pytest.raises(ConfigError, match="epsilon: 1.5"):
         AgentPolicy(ac, 1.5, np.random.default_rng(0), torch.device("cpu"))

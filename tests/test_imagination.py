@@ -79,7 +79,8 @@ def test_reset_burns_in_the_reward_model_on_the_real_context(tiny_params: Params
     frames = seg.obs * seg.mask[:, :, None, None, None]
     torch.testing.assert_close(obs, frames[:, -1])
     torch.testing.assert_close(start.context_obs, frames[:, :-1])
-    assert start.context_obs.shape == (3, L - 1, 3, 64, 64) and start.rows.all()
+    size = tiny_params.env.obs_size
+    assert start.context_obs.shape == (3, L - 1, 3, size, size) and start.rows.all()
     with torch.no_grad():
         _, _, expected = env.reward_end(frames[:, :-1], seg.act, frames[:, 1:])
     torch.testing.assert_close(env.reward_state[0], expected[0])
@@ -123,7 +124,7 @@ def test_termination_restarts_only_the_ended_rows(tiny_params: Params, store: Ep
 def test_imagination_loss_trains_the_actor_critic(tiny_params: Params, store: EpisodeStore) -> None:
     env = _env(tiny_params, store, horizon=tiny_params.actor_critic.horizon, batch=tiny_params.actor_critic.batch_size)
     torch.manual_seed(1)
-    ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME))
+    ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME), tiny_params.env.obs_size)
     loss, metrics = imagination_loss(ac, env, tiny_params.actor_critic)
     loss.backward()
     # Zero-initialised heads: the first gradient reaches the value head (value loss) at least.
@@ -135,7 +136,7 @@ def test_imagination_loss_trains_the_actor_critic(tiny_params: Params, store: Ep
 def test_model_free_loss_uses_real_segments(tiny_params: Params, store: EpisodeStore) -> None:
     """The ablation's loss on real data: finite, differentiable, masked on padding."""
     torch.manual_seed(2)
-    ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME))
+    ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME), tiny_params.env.obs_size)
     with torch.no_grad():
         ac.critic.bias.fill_(1.0)  # V = 1 everywhere: bootstrapped returns differ from it by (1 - gamma)-ish
     segments = SegmentSampler(store, np.random.default_rng(0))

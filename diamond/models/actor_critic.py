@@ -13,7 +13,7 @@ HiddenState = tuple[torch.Tensor, torch.Tensor]
 class ActorCritic(nn.Module):
     """One frame in, action logits and a value out; the LSTM carries the past."""
 
-    def __init__(self, cfg: ActorCriticConfig, num_actions: int, obs_size: int = 64) -> None:
+    def __init__(self, cfg: ActorCriticConfig, num_actions: int, obs_size: int) -> None:
         super().__init__()
         if num_actions < 2:
             raise ConfigError(f"actor-critic: num_actions={num_actions}; a game has at least 2 actions")
