@@ -12,9 +12,6 @@ into place, so a killed run never leaves a partial dataset.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +24,7 @@ from diamond.collector import Collector, EpisodeStats, UniformPolicy
 from diamond.config import CollectConfig, ConfigError
 from diamond.data import EpisodeStore
 from diamond.env import make_env, num_actions
-from diamond.io import atomic_write_json
+from diamond.io import atomic_directory, atomic_write_json
 from stages.common import base_parser, load_checked_params, run_main
 from stages.tracking import stage_run
 
@@ -102,10 +99,7 @@ def main() -> None:
     game, seed = args.game, args.seed
 
     with stage_run("collect", sections={"env": p.env, "collect": p.collect}, game=game, seed=seed, inputs=[]):
-        out = args.out_dataset
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-        try:
+        with atomic_directory(args.out_dataset) as tmp:
             n = num_actions(game)
             store = EpisodeStore(tmp, game=game, num_actions=n)
             env = make_env(game, seed, train=True, config=p.env)
@@ -119,13 +113,6 @@ def main() -> None:
             stopped, episodes = initial_collection(collector, p.collect, on_chunk)
             seconds = time.perf_counter() - start
             env.close()
-            os.chmod(tmp, 0o755)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         stats = statistics(game, seed, store, collector, episodes, stopped)
         atomic_write_json(args.out_stats, stats)
         mlflow.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and k != "seed"})
@@ -133,7 +120,7 @@ def main() -> None:
         mlflow.log_metric("env_steps_per_second", collector.total_steps / max(seconds, 1e-9))
         mlflow.log_artifact(str(args.out_stats))
         print(f"collect {game}-{seed}: {stats['steps']} steps, {stats['episodes']} episodes, "
-              f"{stats['minority_rewards']} minority rewards ({stopped}) -> {out}")
+              f"{stats['minority_rewards']} minority rewards ({stopped}) -> {args.out_dataset}")
 
 
 if __name__ == "__main__":

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from diamond.data.episode import Episode
-from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json, read_json
+from diamond.io import ArtifactError, atomic_directory, atomic_write_bytes, atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -161,17 +159,8 @@ class EpisodeStore:
         dst = Path(dst_root)
         if dst.exists() and any(dst.iterdir()) and not overwrite:
             raise ArtifactError(f"{dst}: destination exists and is not empty")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
-        try:
+        with atomic_directory(dst) as tmp:
             for e in self._entries:
                 shutil.copyfile(self.root / e["file"], tmp / e["file"])
             shutil.copyfile(self.root / MANIFEST, tmp / MANIFEST)
-            os.chmod(tmp, 0o755)
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return EpisodeStore(dst)
