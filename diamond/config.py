@@ -270,7 +270,7 @@ def _validate(p: Params) -> None:
         )
 
 
-def params_from_dict(data: Any, source: str = "params") -> Params:
+def params_from_dict(data: Any) -> Params:
     params = _build(Params, data, "")
     _validate(params)
     return params
@@ -286,7 +286,7 @@ def load_params(path: str | Path) -> Params:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     try:
-        return params_from_dict(data, str(path))
+        return params_from_dict(data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
