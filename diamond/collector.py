@@ -83,6 +83,25 @@ class Collector:
                 finished.append(self._finish(bool(terminated), bool(truncated)))
         return finished
 
+    def get_state(self) -> dict:
+        """The unfinished episode and the counters, for an exact resume (with the env's and the
+        policy's own states, which the caller saves)."""
+        return {
+            "obs": None if self._obs is None else np.stack(self._obs),
+            "act": list(self._act),
+            "rew": list(self._rew),
+            "info": dict(self._info),
+            "total_steps": self.total_steps,
+            "reward_counts": dict(self.reward_counts),
+        }
+
+    def set_state(self, state: dict) -> None:
+        self._obs = None if state["obs"] is None else list(state["obs"])
+        self._act, self._rew = list(state["act"]), list(state["rew"])
+        self._info = dict(state["info"])
+        self.total_steps = int(state["total_steps"])
+        self.reward_counts = {int(k): int(v) for k, v in state["reward_counts"].items()}
+
     def flush(self) -> EpisodeStats | None:
         """Store the unfinished episode, cut here (truncated), so no collected step is lost.
 

@@ -18,6 +18,7 @@ start of games. `info["game_score"]` is the raw score of the whole game so far (
 from __future__ import annotations
 
 import functools
+import pickle
 import re
 from typing import Any
 
@@ -175,6 +176,26 @@ class AtariEnv(gymnasium.Env):
         if noops is not None:
             info["noops"] = noops
         return info
+
+    def get_state(self) -> dict[str, Any]:
+        """A snapshot from which `set_state` continues this environment exactly: the emulator with
+        its random state (and episode frame count), the no-op generator and the episode flags."""
+        return {
+            "ale": pickle.dumps(self.ale.cloneState(include_rng=True)),
+            "noop_rng": self._noop_rng.bit_generator.state,
+            "screen": self._screen.copy(),
+            "continue_game": self._continue_game,
+            "lives": self._lives,
+            "game_score": self._game_score,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.ale.restoreState(pickle.loads(state["ale"]))
+        self._noop_rng.bit_generator.state = state["noop_rng"]
+        self._screen[...] = state["screen"]
+        self._continue_game = bool(state["continue_game"])
+        self._lives = int(state["lives"])
+        self._game_score = float(state["game_score"])
 
     def close(self) -> None:
         self.ale = None  # frees the emulator; a closed env cannot step

@@ -8,12 +8,12 @@ steps per epoch, until the real-interaction budget (`total_env_steps`, initial c
 included) is spent; then `final_epochs_without_collection` epochs train without collecting.
 
 Resume. The whole state (models, optimisers, epoch, step counts, the dataset's episode count,
-numpy and torch random states) is saved atomically every `checkpoint_every_epochs` epochs.
-Only complete data is checkpointed: at each checkpoint the episode in progress is stored, cut
-(truncated), and the next collection starts a new game in a fresh environment seeded from
-(seed, epoch). The uninterrupted run does exactly the same, so a resumed run collects the same
-episodes as an uninterrupted one. Episodes a killed run appended after its last checkpoint are
-dropped on resume (they are collected again, identically).
+numpy and torch random states, and the collection in progress: the emulator's state with its
+random state, the unfinished episode's frames and the policy's LSTM state) is saved atomically
+every `checkpoint_every_epochs` epochs, so a resumed run continues the very game it was playing
+and collects exactly the episodes of an uninterrupted run. Episodes a killed run appended after
+its last checkpoint are dropped on resume (they are collected again, identically). Games are cut
+only where the budget is spent: the episode in progress is then stored as truncated.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class AgentRun:
     env_steps: int  # real steps so far, initial collection included
     epoch: int = 0  # epochs completed
     curve: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
-    collector: Collector | None = None  # transient: rebuilt after every checkpoint
+    collector: Collector | None = None  # the game in progress; its state is saved with the run
 
     @property
     def collect_epochs(self) -> int:
@@ -88,20 +88,44 @@ def _segments(run: AgentRun) -> SegmentSampler:
     return SegmentSampler(run.store, run.segment_rng)
 
 
+def _new_collector(run: AgentRun) -> Collector:
+    """The agent's collector: one training environment for the whole run, seeded from the seed."""
+    env = make_env(run.game, derived_seed(run.seed, 0, 1), train=True, config=run.params.env)
+    policy = AgentPolicy(run.actor_critic, run.params.agent.epsilon, run.policy_rng, run.device)
+    return Collector(env, policy, run.store)
+
+
 def _collect(run: AgentRun, num_steps: int) -> list[Any]:
-    """Collect with the current policy; a fresh environment after each checkpoint (module doc)."""
+    """Collect with the current policy, continuing the game in progress."""
     if run.collector is None:
-        env = make_env(run.game, derived_seed(run.seed, run.epoch, 1), train=True, config=run.params.env)
-        policy = AgentPolicy(run.actor_critic, run.params.agent.epsilon, run.policy_rng, run.device)
-        run.collector = Collector(env, policy, run.store)
+        run.collector = _new_collector(run)
     run.actor_critic.eval()
     stats = run.collector.collect(num_steps)
     run.env_steps += num_steps
+    if run.env_steps >= run.params.agent.total_env_steps:
+        _cut_collection(run)  # the budget is spent: store the episode in progress
     return stats
 
 
+def _collection_state(run: AgentRun) -> dict[str, Any] | None:
+    c = run.collector
+    if c is None:
+        return None
+    return {"env": c.env.unwrapped.get_state(), "episode": c.get_state(), "policy_state": c.policy.state}
+
+
+def _restore_collection(run: AgentRun, state: dict[str, Any] | None) -> None:
+    if state is None:
+        run.collector = None
+        return
+    run.collector = _new_collector(run)
+    run.collector.env.unwrapped.set_state(state["env"])
+    run.collector.set_state(state["episode"])
+    run.collector.policy.state = state["policy_state"]
+
+
 def _cut_collection(run: AgentRun) -> None:
-    """Store the episode in progress (truncated) and drop the environment: only complete data."""
+    """Store the episode in progress (truncated) and drop the environment."""
     if run.collector is not None:
         run.collector.flush()
         run.collector.env.close()
@@ -184,7 +208,6 @@ def train(
         if on_epoch is not None:
             on_epoch(row)
         if run.epoch % every == 0 or run.done:
-            _cut_collection(run)
             save_state(run, state_dir / STATE_FILE, run_key)
     _cut_collection(run)
     return run
@@ -212,6 +235,7 @@ def save_state(run: AgentRun, path: Path, run_key: str) -> None:
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "curve": run.curve,
+        "collection": _collection_state(run),
     })
 
 
@@ -242,6 +266,7 @@ def load_state(run: AgentRun, state_dir: Path) -> AgentRun:
     run.initial_env_steps = int(state["initial_env_steps"])
     run.curve = list(state["curve"])
     run.store = truncate_store(run.store, int(state["num_episodes"]))
+    _restore_collection(run, state["collection"])
     return run
 
 

@@ -185,7 +185,9 @@ def run(args: Any, p: Params) -> None:
         curve, iteration = Curve(list(ckpt["curve"])), int(ckpt["iteration"])
         print(f"resumed from {path}: denoiser step {wm.denoiser_steps}, reward_end step {wm.reward_end_steps}")
 
-    sections = {"world_model": c, "env": p.env, "evaluate": p.evaluate}
+    # Only the evaluate keys this stage reads (the fidelity measurement), as in dvc.yaml's params.
+    fidelity = {k: getattr(p.evaluate, k) for k in ("fidelity_episodes", "fidelity_horizons", "gif_frames")}
+    sections = {"world_model": c, "env": p.env, "evaluate": fidelity}
     with stage_run("train-world-model", sections=sections, game=game, seed=seed, inputs=[args.dataset]):
         mlflow.log_params({"resumed_from_denoiser_step": wm.denoiser_steps, "resumed_from_reward_end_step": wm.reward_end_steps})
         for name, n in wm.num_parameters().items():

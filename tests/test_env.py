@@ -162,6 +162,37 @@ def test_truncation_at_max_episode_frames():
     assert info["episode_frame_number"] == info["noops"]  # a real reset follows truncation
 
 
+def _play(env, actions: list[int]) -> list:
+    """Step through `actions`, resetting at each episode end; every output, frames included."""
+    out = []
+    for a in actions:
+        obs, reward, terminated, truncated, info = env.step(a)
+        out.append((obs.tobytes(), reward, terminated, truncated, info))
+        if terminated or truncated:
+            obs, info = env.reset()
+            out.append((obs.tobytes(), info))
+    return out
+
+
+def test_state_snapshot_continues_the_game_exactly():
+    """get_state/set_state (the agent's resume) continue the same game on another env: the same
+    frames, rewards, life losses, no-op resets and episode frame counts as the original."""
+    cfg = dataclasses.replace(CFG, obs_size=32)
+    rng = np.random.default_rng(0)
+    env = make_env("Breakout", 0, train=True, config=cfg)
+    env.reset()
+    while env.get_state()["game_score"] == 0:  # snapshot mid-game, with points scored
+        _play(env, [int(rng.integers(0, 4))])
+    snapshot = env.get_state()
+    actions = [int(a) for a in rng.integers(0, 4, 400)]
+    expected = _play(env, actions)
+    assert sum(1 for row in expected if len(row) == 2) >= 2  # the tail crosses episode ends
+    other = make_env("Breakout", 123, train=True, config=cfg)
+    other.reset()
+    other.set_state(snapshot)
+    assert _play(other, actions) == expected
+
+
 def test_bad_config_and_action_rejected():
     with pytest.raises(ConfigError, match="env.frame_skip: 0"):
         make_env("Breakout", 0, True, dataclasses.replace(CFG, frame_skip=0))

@@ -75,6 +75,10 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     a, b = _episodes(run / "dataset"), _episodes(other / "dataset")
     assert len(b) == len(a) > saved
     assert a == b  # same episodes, same order: none lost, none duplicated
+    # Checkpoints do not cut games (the game in progress is saved and continued): only the
+    # initial collection's last episode and the one in progress when the budget ran out are cut.
+    store = EpisodeStore(run / "dataset")
+    assert sum(bool(store[i].truncated[-1]) for i in range(len(store))) <= 2
     for key in ("epochs", "episodes", "actor_critic_steps", "denoiser_steps", "final_test_return_mean"):
         assert resumed[key] == uninterrupted[key], key
     np.testing.assert_array_equal(
