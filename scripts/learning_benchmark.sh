@@ -8,7 +8,8 @@
 #
 # Both scores use evaluate.episodes test episodes (>= 30) of the real game (no life-loss
 # termination); the random policy plays on its own environment seed. Results also go to
-# OUT_DIR/GAME-SEED/benchmark.json. Torch threads: OMP_NUM_THREADS (default 1, for a shared CPU).
+# OUT_DIR/GAME-SEED/benchmark.json. Torch threads: OMP_NUM_THREADS (default 1, for a shared CPU;
+# for the 60-minute figure run it alone on the machine with OMP_NUM_THREADS=2).
 set -euo pipefail
 
 PARAMS=${1:-configs/small_learning.yaml}
