@@ -116,7 +116,6 @@ def _collection_state(run: AgentRun) -> dict[str, Any] | None:
 
 def _restore_collection(run: AgentRun, state: dict[str, Any] | None) -> None:
     if state is None:
-        run.collector = None
         return
     run.collector = _new_collector(run)
     run.collector.env.unwrapped.set_state(state["env"])
@@ -209,7 +208,6 @@ def train(
             on_epoch(row)
         if run.epoch % every == 0 or run.done:
             save_state(run, state_dir / STATE_FILE, run_key)
-    _cut_collection(run)
     return run
 
 
