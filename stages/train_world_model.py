@@ -37,7 +37,6 @@ from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
 from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json
 from diamond.world_model import WorldModel, build_world_model, load_world_model, read_checkpoint, save_world_model
 from stages.common import base_parser, load_checked_params, resolve_device, run_main
-from stages.pipeline import STAGE_PARAMS
 from stages.tracking import stage_run
 
 SEGMENT_STREAM = 2  # stream of the run seed that drives segment sampling
@@ -186,9 +185,8 @@ def run(args: Any, p: Params) -> None:
         curve, iteration = Curve(list(ckpt["curve"])), int(ckpt["iteration"])
         print(f"resumed from {path}: denoiser step {wm.denoiser_steps}, reward_end step {wm.reward_end_steps}")
 
-    # Only the evaluate keys this stage reads (the fidelity measurement): the pipelines' list.
-    evaluate_keys = [k.split(".", 1)[1] for k in STAGE_PARAMS["train-world-model"] if k.startswith("evaluate.")]
-    fidelity = {k: getattr(p.evaluate, k) for k in evaluate_keys}
+    # Only the evaluate keys this stage reads (the fidelity measurement), as in dvc.yaml's params.
+    fidelity = {k: getattr(p.evaluate, k) for k in ("fidelity_episodes", "fidelity_horizons", "gif_frames")}
     sections = {"world_model": c, "env": p.env, "evaluate": fidelity}
     with stage_run("train-world-model", sections=sections, game=game, seed=seed, inputs=[args.dataset]):
         mlflow.log_params({"resumed_from_denoiser_step": wm.denoiser_steps, "resumed_from_reward_end_step": wm.reward_end_steps})
