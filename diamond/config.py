@@ -178,6 +178,7 @@ class Params:
     games: list[str]
     seeds: list[int]
     device: str  # "cpu", "cuda", or "auto"
+    channels_last: bool  # NHWC memory layout for the convolutional networks (speed only)
     env: EnvConfig
     collect: CollectConfig
     world_model: WorldModelConfig

@@ -33,7 +33,7 @@ from diamond.env import num_actions
 from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
 from diamond.loop import DATASET_DIR, STATE_FILE, AgentRun, load_state, saved_run_key, train
 from diamond.models.actor_critic import ActorCritic
-from diamond.training import Trainer
+from diamond.training import Trainer, set_memory_format
 from diamond.world_model import load_world_model, world_model_state
 from stages.common import base_parser, load_checked_params, resolve_device, run_main
 from stages.tracking import dvc_md5, stage_run
@@ -63,7 +63,7 @@ def sections(p: Params) -> dict:
 def run_key(p: Params, game: str, seed: int, dataset: Path, world_model: Path) -> str:
     """Hash of the params and inputs a run was started with; a saved state resumes only under it."""
     parts = {k: to_dict(v) for k, v in sections(p).items()}
-    parts.update(game=game, seed=seed, device=p.device, dataset=dvc_md5(dataset), world_model=dvc_md5(world_model))
+    parts.update(game=game, seed=seed, device=p.device, channels_last=p.channels_last, dataset=dvc_md5(dataset), world_model=dvc_md5(world_model))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -74,6 +74,8 @@ def build_run(p: Params, game: str, seed: int, store: EpisodeStore, world_model:
     if wm.num_actions != n:
         raise ArtifactError(f"{world_model}: world model has {wm.num_actions} actions, {game} has {n}")
     ac = ActorCritic(p.actor_critic, n, p.env.obs_size).to(device)
+    for model in (wm.denoiser, wm.reward_end, ac):
+        set_memory_format(model, p.channels_last)
     return AgentRun(
         params=p, game=game, seed=seed, device=device, store=store, world_model=wm,
         actor_critic=ac, actor_critic_trainer=Trainer(ac, p.actor_critic.optimizer),
@@ -145,7 +147,7 @@ def main() -> None:
         if not path.exists():
             raise ArtifactError(f"{path}: input not found")
     key = run_key(p, args.game, args.seed, args.dataset, args.world_model)
-    with stage_run("train-agent", sections=sections(p), game=args.game, seed=args.seed,
+    with stage_run("train-agent", sections={**sections(p), "channels_last": p.channels_last}, game=args.game, seed=args.seed,
                    inputs=[args.dataset, args.world_model]):
         run, how = start_or_resume(p, args, key, device)
         print(f"train-agent {args.game}-{args.seed}: {how}", flush=True)
