@@ -4,7 +4,7 @@
 # mean test score with 95% bootstrap intervals, and the wall time.
 #
 #   bash scripts/learning_benchmark.sh [PARAMS] [GAME] [SEED] [OUT_DIR]
-#   defaults:  configs/small_learning.yaml Boxing 0 runs/benchmark
+#   defaults:  configs/small_learning.yaml Asterix 0 runs/benchmark
 #
 # Both scores use evaluate.episodes test episodes (>= 30) of the real game (no life-loss
 # termination); the random policy plays on its own environment seed. Results also go to
@@ -13,7 +13,7 @@
 set -euo pipefail
 
 PARAMS=${1:-configs/small_learning.yaml}
-GAME=${2:-Boxing}
+GAME=${2:-Asterix}
 SEED=${3:-0}
 OUT=${4:-runs/benchmark}
 RUN="$OUT/$GAME-$SEED"
