@@ -34,7 +34,7 @@ import yaml
 from diamond.config import WorldModelConfig, _build
 from diamond.models.denoiser import Denoiser
 from diamond.sampler import DiffusionSampler
-from diamond.training import Trainer
+from diamond.training import Trainer, set_memory_format
 
 ROOT = Path(__file__).resolve().parents[1]
 # Atari's full action set; the action embedding's size barely affects the cost.
@@ -115,8 +115,7 @@ def autocast(device: torch.device, bf16: bool):
 def build_denoiser(cfg: WorldModelConfig, device: torch.device, channels_last: bool, compile_net: bool) -> Denoiser:
     torch.manual_seed(0)
     den = Denoiser(cfg.denoiser, BENCH_NUM_ACTIONS).to(device)
-    if channels_last:
-        den = den.to(memory_format=torch.channels_last)
+    set_memory_format(channels_last, den)
     if compile_net:
         den.net = torch.compile(den.net)
     return den

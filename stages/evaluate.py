@@ -81,8 +81,7 @@ def main() -> None:
         ac.load_state_dict(agent["actor_critic"])
         ac.eval()
         wm = load_world_model(args.agent, device, cfg=p.world_model, ckpt=agent["world_model"])
-        for model in (wm.denoiser, wm.reward_end, ac):
-            set_memory_format(model, p.channels_last)
+        set_memory_format(p.channels_last, wm.denoiser, wm.reward_end, ac)
         wm.denoiser.eval()
         wm.reward_end.eval()
 

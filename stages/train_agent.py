@@ -16,6 +16,7 @@ fresh, and says so). The outputs are written only on completion, each atomically
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -57,13 +58,14 @@ def check_agent_config(a: AgentConfig) -> None:
 
 def sections(p: Params) -> dict:
     """The config this stage reads (and whose hash decides whether a saved state may resume)."""
-    return {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "agent": p.agent}
+    return {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "agent": p.agent,
+            "channels_last": p.channels_last}
 
 
 def run_key(p: Params, game: str, seed: int, dataset: Path, world_model: Path) -> str:
     """Hash of the params and inputs a run was started with; a saved state resumes only under it."""
-    parts = {k: to_dict(v) for k, v in sections(p).items()}
-    parts.update(game=game, seed=seed, device=p.device, channels_last=p.channels_last, dataset=dvc_md5(dataset), world_model=dvc_md5(world_model))
+    parts = {k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in sections(p).items()}
+    parts.update(game=game, seed=seed, device=p.device, dataset=dvc_md5(dataset), world_model=dvc_md5(world_model))
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -74,8 +76,7 @@ def build_run(p: Params, game: str, seed: int, store: EpisodeStore, world_model:
     if wm.num_actions != n:
         raise ArtifactError(f"{world_model}: world model has {wm.num_actions} actions, {game} has {n}")
     ac = ActorCritic(p.actor_critic, n, p.env.obs_size).to(device)
-    for model in (wm.denoiser, wm.reward_end, ac):
-        set_memory_format(model, p.channels_last)
+    set_memory_format(p.channels_last, wm.denoiser, wm.reward_end, ac)
     return AgentRun(
         params=p, game=game, seed=seed, device=device, store=store, world_model=wm,
         actor_critic=ac, actor_critic_trainer=Trainer(ac, p.actor_critic.optimizer),
@@ -147,7 +148,7 @@ def main() -> None:
         if not path.exists():
             raise ArtifactError(f"{path}: input not found")
     key = run_key(p, args.game, args.seed, args.dataset, args.world_model)
-    with stage_run("train-agent", sections={**sections(p), "channels_last": p.channels_last}, game=args.game, seed=args.seed,
+    with stage_run("train-agent", sections=sections(p), game=args.game, seed=args.seed,
                    inputs=[args.dataset, args.world_model]):
         run, how = start_or_resume(p, args, key, device)
         print(f"train-agent {args.game}-{args.seed}: {how}", flush=True)

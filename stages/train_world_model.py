@@ -185,8 +185,7 @@ def run(args: Any, p: Params) -> None:
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         curve, iteration = Curve(list(ckpt["curve"])), int(ckpt["iteration"])
         print(f"resumed from {path}: denoiser step {wm.denoiser_steps}, reward_end step {wm.reward_end_steps}")
-    set_memory_format(wm.denoiser, p.channels_last)
-    set_memory_format(wm.reward_end, p.channels_last)
+    set_memory_format(p.channels_last, wm.denoiser, wm.reward_end)
 
     # Only the evaluate keys this stage reads (the fidelity measurement), as in dvc.yaml's params.
     fidelity = {k: getattr(p.evaluate, k) for k in ("fidelity_episodes", "fidelity_horizons", "gif_frames")}

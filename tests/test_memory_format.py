@@ -31,9 +31,9 @@ def test_switch_moves_every_conv_weight_and_back(tiny_params):
     for model in models:
         weights = conv_weights(model)
         assert weights and not any(w.is_contiguous(memory_format=NHWC) for w in weights if w.shape[-1] > 1)
-        set_memory_format(model, True)
+        set_memory_format(True, model)
         assert all(w.is_contiguous(memory_format=NHWC) for w in conv_weights(model))
-        set_memory_format(model, False)
+        set_memory_format(False, model)
         assert all(w.is_contiguous() for w in conv_weights(model))
 
 
@@ -44,7 +44,7 @@ def test_channels_last_training_matches_default_layout(tiny_params):
     base = Denoiser(tiny_params.world_model.denoiser, 4)
     nhwc = copy.deepcopy(base)
     trainers = [Trainer(base, tiny_params.world_model.denoiser_optimizer), Trainer(nhwc, tiny_params.world_model.denoiser_optimizer)]
-    set_memory_format(nhwc, True)  # after the optimiser was built, as the stages do on resume
+    set_memory_format(True, nhwc)  # after the optimiser was built, as the stages do on resume
     before = [p.detach().clone() for p in nhwc.parameters()]
     n = tiny_params.world_model.denoiser.num_conditioning_frames
     for step in range(3):
