@@ -179,6 +179,7 @@ class Params:
     seeds: list[int]
     device: str  # "cpu", "cuda", or "auto"
     channels_last: bool  # NHWC memory layout for the convolutional networks (speed only)
+    compile_denoiser: bool  # torch.compile the denoiser's U-Net (speed only)
     env: EnvConfig
     collect: CollectConfig
     world_model: WorldModelConfig

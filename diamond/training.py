@@ -98,3 +98,18 @@ def set_memory_format(channels_last: bool, *models: nn.Module) -> None:
     layout = torch.channels_last if channels_last else torch.contiguous_format
     for model in models:
         model.to(memory_format=layout)
+
+
+def compile_networks(enabled: bool, *networks: nn.Module) -> None:
+    """torch.compile the networks in place when `enabled` (after set_memory_format: the compiled
+    code is specialised to the weights' layout).
+
+    In place (nn.Module.compile), so parameter names, state dicts and checkpoints are those of
+    the eager network. Inductor fuses the GroupNorm/SiLU/add chains around the convolutions:
+    on the 2-core CPU denoiser sampling is ~1.4x faster at the small config and the paper-size
+    training step ~1.7x with channels-last (`python -m diamond.bench --channels-last --compile`),
+    for ~25-60 s of compilation per process. Results equal eager mode's up to float rounding.
+    """
+    if enabled:
+        for network in networks:
+            network.compile()

@@ -31,7 +31,7 @@ from diamond.imagination import ImaginationEnv
 from diamond.io import ArtifactError, atomic_write_json, load_torch
 from diamond.loop import derived_seed
 from diamond.models.actor_critic import ActorCritic
-from diamond.training import set_memory_format
+from diamond.training import compile_networks, set_memory_format
 from diamond.world_model import load_world_model
 from stages.common import base_parser, load_checked_params, resolve_device, run_main
 from stages.tracking import stage_run
@@ -74,7 +74,8 @@ def main() -> None:
     store = EpisodeStore(args.dataset, game=game)
 
     sections = {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "evaluate": p.evaluate,
-                "method_name": p.aggregate.method_name, "channels_last": p.channels_last}
+                "method_name": p.aggregate.method_name, "channels_last": p.channels_last,
+                "compile_denoiser": p.compile_denoiser}
     with stage_run("evaluate", sections=sections, game=game, seed=seed, inputs=[args.agent, args.dataset]):
         torch.manual_seed(derived_seed(seed, IMAGINATION_STREAM))
         ac = ActorCritic(p.actor_critic, num_actions(game), p.env.obs_size).to(device)
@@ -82,6 +83,7 @@ def main() -> None:
         ac.eval()
         wm = load_world_model(args.agent, device, cfg=p.world_model, ckpt=agent["world_model"])
         set_memory_format(p.channels_last, wm.denoiser, wm.reward_end, ac)
+        compile_networks(p.compile_denoiser, wm.denoiser.net)
         wm.denoiser.eval()
         wm.reward_end.eval()
 

@@ -34,7 +34,7 @@ from diamond.env import num_actions
 from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
 from diamond.loop import DATASET_DIR, STATE_FILE, AgentRun, load_state, saved_run_key, train
 from diamond.models.actor_critic import ActorCritic
-from diamond.training import Trainer, set_memory_format
+from diamond.training import Trainer, compile_networks, set_memory_format
 from diamond.world_model import load_world_model, world_model_state
 from stages.common import base_parser, load_checked_params, resolve_device, run_main
 from stages.tracking import dvc_md5, stage_run
@@ -59,7 +59,7 @@ def check_agent_config(a: AgentConfig) -> None:
 def sections(p: Params) -> dict:
     """The config this stage reads (and whose hash decides whether a saved state may resume)."""
     return {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "agent": p.agent,
-            "channels_last": p.channels_last}
+            "channels_last": p.channels_last, "compile_denoiser": p.compile_denoiser}
 
 
 def run_key(p: Params, game: str, seed: int, dataset: Path, world_model: Path) -> str:
@@ -77,6 +77,7 @@ def build_run(p: Params, game: str, seed: int, store: EpisodeStore, world_model:
         raise ArtifactError(f"{world_model}: world model has {wm.num_actions} actions, {game} has {n}")
     ac = ActorCritic(p.actor_critic, n, p.env.obs_size).to(device)
     set_memory_format(p.channels_last, wm.denoiser, wm.reward_end, ac)
+    compile_networks(p.compile_denoiser, wm.denoiser.net)
     return AgentRun(
         params=p, game=game, seed=seed, device=device, store=store, world_model=wm,
         actor_critic=ac, actor_critic_trainer=Trainer(ac, p.actor_critic.optimizer),
