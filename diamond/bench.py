@@ -34,7 +34,7 @@ import yaml
 from diamond.config import WorldModelConfig, _build
 from diamond.models.denoiser import Denoiser
 from diamond.sampler import DiffusionSampler
-from diamond.training import Trainer, set_memory_format
+from diamond.training import Trainer, compile_networks, set_memory_format
 
 ROOT = Path(__file__).resolve().parents[1]
 # Atari's full action set; the action embedding's size barely affects the cost.
@@ -116,8 +116,7 @@ def build_denoiser(cfg: WorldModelConfig, device: torch.device, channels_last: b
     torch.manual_seed(0)
     den = Denoiser(cfg.denoiser, BENCH_NUM_ACTIONS).to(device)
     set_memory_format(channels_last, den)
-    if compile_net:
-        den.net = torch.compile(den.net)
+    compile_networks(compile_net, den.net)  # as the stages do with compile_denoiser
     return den
 
 

@@ -47,7 +47,10 @@ STAGE_PARAMS: dict[str, list[str]] = {
         "evaluate.fidelity_episodes", "evaluate.fidelity_horizons", "evaluate.gif_frames",
     ],
     "train-agent": ["device", "channels_last", "compile_denoiser", "env", "world_model", "actor_critic", "agent"],
-    "evaluate": ["device", "channels_last", "compile_denoiser", "env", "world_model", "actor_critic", "evaluate", "aggregate.method_name"],
+    "evaluate": [
+        "device", "channels_last", "compile_denoiser", "env", "world_model", "actor_critic", "evaluate",
+        "aggregate.method_name",
+    ],
     # games and seeds choose which score files enter the table
     "aggregate": ["games", "seeds", "aggregate"],
 }
