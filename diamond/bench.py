@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import platform
 import resource
@@ -132,14 +133,52 @@ def make_train_step(den: Denoiser, cfg: WorldModelConfig, seg: BenchSegment, dev
     return step
 
 
-def count_train_step_flops(cfg: WorldModelConfig, seg: BenchSegment, device: torch.device) -> int:
+def count_train_step_flops(cfg: WorldModelConfig, seg: BenchSegment, device: torch.device) -> dict[str, int]:
+    """FLOPs of one loss + backward: the total, and the convolutions' forward and backward parts."""
     from torch.utils.flop_counter import FlopCounterMode
 
     den = build_denoiser(cfg, device, channels_last=False, compile_net=False)
     with FlopCounterMode(display=False) as counter:
         loss, _ = den.compute_loss(seg)
         loss.backward()
-    return int(counter.get_total_flops())
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return {
+        "total": int(counter.get_total_flops()),
+        "conv_forward": int(by_op.get("aten.convolution", 0)),
+        "conv_backward": int(by_op.get("aten.convolution_backward", 0)),
+    }
+
+
+def profile_train_step(step: Callable[[], float], flops: dict[str, int], peak_gflops: float) -> dict[str, float]:
+    """Where one training step's CPU time goes: convolution forward, convolution backward, and the
+    rest (normalisation, activations, additions and copies, fused or not; optimiser; framework).
+
+    Each convolution part is also given as a fraction of the matmul peak, and
+    `profile_conv_only_fraction_of_peak` is the step's fraction of peak if the rest took no time:
+    the ceiling that faster non-convolution code alone could reach.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    seconds = {"conv_forward": 0.0, "conv_backward": 0.0, "other": 0.0}
+    for evt in prof.key_averages():
+        if "convolution_backward" in evt.key:
+            part = "conv_backward"
+        elif evt.key in ("aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d"):
+            part = "conv_forward"
+        else:
+            part = "other"
+        seconds[part] += evt.self_cpu_time_total / 1e6
+    total = sum(seconds.values())
+    out = {f"profile_{k}_s": v for k, v in seconds.items()}
+    out["profile_step_s"] = total
+    out["profile_other_share"] = seconds["other"] / total
+    for part in ("conv_forward", "conv_backward"):
+        out[f"profile_{part}_fraction_of_peak"] = flops[part] / max(seconds[part], 1e-12) / 1e9 / peak_gflops
+    conv_s = seconds["conv_forward"] + seconds["conv_backward"]
+    out["profile_conv_only_fraction_of_peak"] = flops["total"] / conv_s / 1e9 / peak_gflops
+    return out
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -149,10 +188,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_mode(cfg, device, args, bf16: bool, seg, prev_obs, prev_act) -> dict[str, float]:
+def bench_mode(cfg, device, args, bf16: bool, seg, prev_obs, prev_act, profile=None) -> dict[str, float]:
     den = build_denoiser(cfg, device, args.channels_last, args.compile)
     step = make_train_step(den, cfg, seg, device, bf16)
     step_s = best_time(step, device, args.reps, args.inner)
+    breakdown = profile(step) if profile is not None else {}
     sampler = DiffusionSampler(den, cfg.sampler)
     den.eval()
 
@@ -161,7 +201,7 @@ def bench_mode(cfg, device, args, bf16: bool, seg, prev_obs, prev_act) -> dict[s
             sampler.sample(prev_obs, prev_act)
 
     sample_s = best_time(imagine, device, args.reps, args.inner)
-    return {"train_step_s": step_s, "sample_frames_per_s": prev_obs.shape[0] / sample_s}
+    return {"train_step_s": step_s, "sample_frames_per_s": prev_obs.shape[0] / sample_s, **breakdown}
 
 
 def compare_bf16(cfg: WorldModelConfig, device: torch.device, steps: int, batch: int, size: int) -> dict:
@@ -230,13 +270,22 @@ def run(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     seg = moving_square_segment(b, L, size, gen, device)
     prev_obs, prev_act = seg.obs[:, :L], seg.act
-    result["train_step_flops"] = count_train_step_flops(cfg, seg, device)
+    flops = count_train_step_flops(cfg, seg, device)
+    result["train_step_flops"] = flops["total"]
+    result["train_step_conv_forward_flops"] = flops["conv_forward"]
+    result["train_step_conv_backward_flops"] = flops["conv_backward"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    fp32 = bench_mode(cfg, device, args, False, seg, prev_obs, prev_act)
+    profile = None
+    if args.profile:
+        if device.type != "cpu":
+            raise SystemExit(f"--profile: the breakdown reads CPU op times; not available on {device.type}")
+        profile = functools.partial(profile_train_step, flops=flops, peak_gflops=result["matmul_peak_gflops_fp32"])
+    fp32 = bench_mode(cfg, device, args, False, seg, prev_obs, prev_act, profile)
     result["denoiser_train_step_s_fp32"] = fp32["train_step_s"]
     result["sample_frames_per_s_fp32"] = fp32["sample_frames_per_s"]
+    result.update({k: v for k, v in fp32.items() if k.startswith("profile_")})
     result["train_step_fraction_of_fp32_peak"] = (
         result["train_step_flops"] / fp32["train_step_s"] / 1e9 / result["matmul_peak_gflops_fp32"]
     )
@@ -278,6 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast and report its speedup")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    p.add_argument("--profile", action="store_true",
+                   help="CPU: split the fp32 step's time into convolution forward/backward and the rest")
     p.add_argument("--compare-bf16-steps", type=int, default=0, help="train fp32 and bf16 this many steps; compare losses")
     p.add_argument("--compare-config", type=Path, default=ROOT / "params.yaml", help="params file for the comparison")
     return p.parse_args(argv)
