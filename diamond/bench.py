@@ -188,7 +188,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_mode(cfg, device, args, bf16: bool, seg, prev_obs, prev_act, profile=None) -> dict[str, float]:
+def bench_mode(
+    cfg, device, args, bf16: bool, seg, prev_obs, prev_act,
+    profile: Callable[[Callable[[], float]], dict[str, float]] | None = None,
+) -> dict[str, float]:
+    """Time the training step and the sampler; with `profile`, also break one step down."""
     den = build_denoiser(cfg, device, args.channels_last, args.compile)
     step = make_train_step(den, cfg, seg, device, bf16)
     step_s = best_time(step, device, args.reps, args.inner)
