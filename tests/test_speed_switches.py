@@ -23,6 +23,22 @@ def conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.dim() == 4]
 
 
+def assert_train_alike(reference: Denoiser, other: Denoiser, trainers: list[Trainer], steps: int) -> None:
+    """Train both on the same data and noise; losses agree to rounding at every step, weights after."""
+    n = reference.cfg.num_conditioning_frames
+    for step in range(steps):
+        seg = random_segment(4, n, size=16, seed=step).to_torch()
+        losses = []
+        for model, trainer in zip((reference, other), trainers):
+            torch.manual_seed(100 + step)  # the same noise levels and noise in both
+            loss, _ = model.compute_loss(seg)
+            trainer.step(loss)
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    for a, b in zip(reference.parameters(), other.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
 def test_switch_moves_every_conv_weight_and_back(tiny_params):
     models = [
         Denoiser(tiny_params.world_model.denoiser, 4),
@@ -47,19 +63,8 @@ def test_channels_last_training_matches_default_layout(tiny_params):
     trainers = [Trainer(base, tiny_params.world_model.denoiser_optimizer), Trainer(nhwc, tiny_params.world_model.denoiser_optimizer)]
     set_memory_format(True, nhwc)  # after the optimiser was built, as the stages do on resume
     before = [p.detach().clone() for p in nhwc.parameters()]
-    n = tiny_params.world_model.denoiser.num_conditioning_frames
-    for step in range(3):
-        seg = random_segment(4, n, size=16, seed=step).to_torch()
-        losses = []
-        for model, trainer in zip((base, nhwc), trainers):
-            torch.manual_seed(100 + step)  # the same noise levels and noise in both
-            loss, _ = model.compute_loss(seg)
-            trainer.step(loss)
-            losses.append(loss.item())
-        assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert_train_alike(base, nhwc, trainers, steps=3)
     assert any(not torch.equal(a, b) for a, b in zip(before, nhwc.parameters()))
-    for a, b in zip(base.parameters(), nhwc.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert all(w.is_contiguous(memory_format=NHWC) for w in conv_weights(nhwc))
 
 
@@ -74,20 +79,9 @@ def test_compiled_denoiser_trains_and_samples_like_eager(tiny_params):
     compile_networks(True, compiled.net)
     assert list(compiled.state_dict()) == list(eager.state_dict())
     opt = tiny_params.world_model.denoiser_optimizer
-    trainers = [Trainer(eager, opt), Trainer(compiled, opt)]
-    n = tiny_params.world_model.denoiser.num_conditioning_frames
-    for step in range(2):
-        seg = random_segment(4, n, size=16, seed=step).to_torch()
-        losses = []
-        for model, trainer in zip((eager, compiled), trainers):
-            torch.manual_seed(100 + step)
-            loss, _ = model.compute_loss(seg)
-            trainer.step(loss)
-            losses.append(loss.item())
-        assert losses[1] == pytest.approx(losses[0], rel=1e-4)
-    for a, b in zip(eager.parameters(), compiled.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert_train_alike(eager, compiled, [Trainer(eager, opt), Trainer(compiled, opt)], steps=2)
 
+    n = tiny_params.world_model.denoiser.num_conditioning_frames
     seg = random_segment(3, n, size=16, seed=7).to_torch()
     frames = []
     for model in (eager, compiled):
