@@ -6,10 +6,23 @@ Measures, in one process so that the figures are comparable:
   with the U-Net of configs/paper.yaml, its FLOPs (torch.utils.flop_counter) and the fraction of
   the fp32 (and bf16) matmul peak it reaches;
 - imagination throughput: next frames per second with the configured sampler (3 Euler steps);
+- one training step of the reward/termination model R (loss on a segment of
+  `reward_end.segment_length` steps, backward, AdamW) and one actor-critic step in imagination
+  as train-agent takes it (diamond.agent.imagination_loss over an ImaginationEnv of the
+  configured horizon and sampler, drawing real starts with a SegmentSampler from a small
+  synthetic EpisodeStore, then the actor-critic's AdamW step), both at the same batch size;
+- `paper_run_hours`: the hours these three steps take over one run (one game, one seed) of the
+  config's schedule (DESIGN 3.5: the first epoch's D, R and actor-critic steps, then D, R and
+  actor-critic steps per epoch for every collecting epoch and every final epoch), split into
+  `paper_run_hours_denoiser`, `_reward_end` and `_actor_critic`. Environment stepping
+  (collection), evaluation, checkpointing and drawing the D and R batches from the dataset are
+  excluded (`paper_run_hours_excludes`; `segment_batch_draw_s` gives the last one per batch);
 - peak memory (CUDA: max allocated; CPU: the process's max resident set).
 With --bf16 the step and sampler also run under bf16 autocast and the speedup over fp32 is
-reported; --compare-bf16-steps N trains two identical denoisers (fp32 and bf16) for N steps on
-the same learnable synthetic video and reports both losses.
+reported (the R step and the actor-critic step's sampling, and so the projection, then run
+under bf16 only; the actor-critic and R stay fp32 in imagination, see AutocastSampler);
+--compare-bf16-steps N trains two identical denoisers (fp32 and bf16) for N steps on the same
+learnable synthetic video and reports both losses.
 
 Only torch, numpy and yaml are needed (no gymnasium), so it runs on a bare GPU machine.
 Timings on a shared CPU are noisy: each figure is the best of several repetitions.
@@ -19,27 +32,46 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import math
 import platform
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
-from diamond.config import WorldModelConfig, _build
+from diamond.agent import imagination_loss
+from diamond.config import ActorCriticConfig, AgentConfig, CollectConfig, SamplerConfig, WorldModelConfig, _build
+from diamond.data import Episode, EpisodeStore, SegmentSampler
+from diamond.imagination import ImaginationEnv
+from diamond.models.actor_critic import ActorCritic
 from diamond.models.denoiser import Denoiser
+from diamond.models.reward_end import RewardEndModel
 from diamond.sampler import DiffusionSampler
 from diamond.training import Trainer, compile_networks, set_memory_format
 
 ROOT = Path(__file__).resolve().parents[1]
 # Atari's full action set; the action embedding's size barely affects the cost.
 BENCH_NUM_ACTIONS = 18
+# The synthetic dataset the actor-critic's imagination starts from: at least 4 episodes, so the
+# sampler's recency weights apply as in a real run; their length does not affect the step's cost.
+BENCH_EPISODES, BENCH_EPISODE_STEPS = 8, 64
+# Logit margin for "no termination" given to the untrained R in the actor-critic step (see
+# rarely_terminating): e^-10 odds, i.e. rows end only at the horizon.
+NO_END_LOGIT = 5.0
+PROJECTION_EXCLUDES = (
+    "environment stepping (the initial collection and each epoch's collection), test and final evaluation "
+    "episodes, checkpointing, process and compilation start-up, and drawing the D and R training batches "
+    "from the dataset (segment_batch_draw_s per batch)"
+)
 
 
 @dataclass
@@ -54,9 +86,27 @@ class BenchSegment:
     mask: torch.Tensor
 
 
+@dataclass(frozen=True)
+class BenchConfig:
+    """The params sections the bench reads. Not diamond.config.load_params: its checks import
+    diamond.env, hence gymnasium and the emulator, which a bare GPU machine lacks."""
+
+    world_model: WorldModelConfig
+    actor_critic: ActorCriticConfig
+    agent: AgentConfig
+    collect: CollectConfig
+
+
 def load_world_model_config(path: Path) -> WorldModelConfig:
     data = yaml.safe_load(Path(path).read_text())
     return _build(WorldModelConfig, data["world_model"], "world_model")
+
+
+def load_bench_config(path: Path) -> BenchConfig:
+    data = yaml.safe_load(Path(path).read_text())
+    sections = {"world_model": WorldModelConfig, "actor_critic": ActorCriticConfig, "agent": AgentConfig,
+                "collect": CollectConfig}
+    return BenchConfig(**{name: _build(cls, data[name], name) for name, cls in sections.items()})
 
 
 def moving_square_segment(batch: int, steps: int, size: int, gen: torch.Generator, device: torch.device) -> BenchSegment:
@@ -113,6 +163,26 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+class AutocastSampler(DiffusionSampler):
+    """The configured sampler with the denoiser under bf16 autocast when `bf16`.
+
+    The actor-critic step takes its bf16 this way, the sampler only: the actor-critic and R stay
+    fp32 in imagination, because under CUDA autocast ActorCritic.restart_rows mixes a bf16 LSTM
+    state with an fp32 burn-in (its padding mask promotes it) and fails. The sampler returns
+    fp32 frames (Denoiser.denoise casts the network's output), so nothing else sees bf16.
+    """
+
+    def __init__(self, denoiser: Denoiser, cfg: SamplerConfig, device: torch.device, bf16: bool) -> None:
+        super().__init__(denoiser, cfg)
+        self.device, self.bf16 = device, bf16
+
+    def sample(
+        self, prev_obs: torch.Tensor, prev_act: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        with autocast(self.device, self.bf16):
+            return super().sample(prev_obs, prev_act, generator)
+
+
 def build_denoiser(cfg: WorldModelConfig, device: torch.device, channels_last: bool, compile_net: bool) -> Denoiser:
     torch.manual_seed(0)
     den = Denoiser(cfg.denoiser, BENCH_NUM_ACTIONS).to(device)
@@ -121,16 +191,23 @@ def build_denoiser(cfg: WorldModelConfig, device: torch.device, channels_last: b
     return den
 
 
-def make_train_step(den: Denoiser, cfg: WorldModelConfig, seg: BenchSegment, device: torch.device, bf16: bool):
-    trainer = Trainer(den, cfg.denoiser_optimizer)
+def make_optimiser_step(
+    trainer: Trainer, loss_fn: Callable[[], torch.Tensor], device: torch.device, bf16: bool
+) -> Callable[[], float]:
+    """One training step as the stages take it: the loss (under bf16 autocast with --bf16), then
+    the model's Trainer step (backward, clipping, AdamW)."""
 
     def step() -> float:
         with autocast(device, bf16):
-            loss, _ = den.compute_loss(seg)
+            loss = loss_fn()
         trainer.step(loss)
         return loss.item()
 
     return step
+
+
+def make_train_step(den: Denoiser, cfg: WorldModelConfig, seg: BenchSegment, device: torch.device, bf16: bool):
+    return make_optimiser_step(Trainer(den, cfg.denoiser_optimizer), lambda: den.compute_loss(seg)[0], device, bf16)
 
 
 def count_train_step_flops(cfg: WorldModelConfig, seg: BenchSegment, device: torch.device) -> dict[str, int]:
@@ -191,21 +268,155 @@ def peak_memory_mb(device: torch.device) -> float:
 def bench_mode(
     cfg, device, args, bf16: bool, seg, prev_obs, prev_act,
     profile: Callable[[Callable[[], float]], dict[str, float]] | None = None,
-) -> dict[str, float]:
-    """Time the training step and the sampler; with `profile`, also break one step down."""
+) -> tuple[dict[str, float], Denoiser]:
+    """Time the training step and the sampler; with `profile`, also break one step down.
+
+    Returns the figures and the denoiser, already compiled (with --compile) for sampling, so the
+    actor-critic step imagines with it without compiling another one."""
     den = build_denoiser(cfg, device, args.channels_last, args.compile)
     step = make_train_step(den, cfg, seg, device, bf16)
     step_s = best_time(step, device, args.reps, args.inner)
     breakdown = profile(step) if profile is not None else {}
-    sampler = DiffusionSampler(den, cfg.sampler)
+    sampler = AutocastSampler(den, cfg.sampler, device, bf16)
     den.eval()
 
     def imagine() -> None:
-        with autocast(device, bf16):
-            sampler.sample(prev_obs, prev_act)
+        sampler.sample(prev_obs, prev_act)
 
     sample_s = best_time(imagine, device, args.reps, args.inner)
-    return {"train_step_s": step_s, "sample_frames_per_s": prev_obs.shape[0] / sample_s, **breakdown}
+    return {"train_step_s": step_s, "sample_frames_per_s": prev_obs.shape[0] / sample_s, **breakdown}, den
+
+
+def synthetic_store(root: Path, size: int) -> EpisodeStore:
+    """A small real EpisodeStore of moving-square episodes, for the real SegmentSampler to draw from."""
+    gen = torch.Generator().manual_seed(3)
+    video = moving_square_segment(BENCH_EPISODES, BENCH_EPISODE_STEPS, size, gen, torch.device("cpu"))
+    frames = ((video.obs + 1) * 127.5).round().to(torch.uint8).numpy()
+    store = EpisodeStore(root, game="BenchMovingSquare", num_actions=BENCH_NUM_ACTIONS)
+    steps = BENCH_EPISODE_STEPS
+    for i in range(BENCH_EPISODES):
+        truncated = np.zeros(steps, dtype=bool)
+        truncated[-1] = True  # stored before it ended, as a budget cut does
+        store.append(Episode(obs=frames[i], act=video.act[i].numpy(), rew=np.zeros(steps, dtype=np.float32),
+                             terminated=np.zeros(steps, dtype=bool), truncated=truncated))
+    return store
+
+
+def make_reward_end_step(
+    model: RewardEndModel, cfg: WorldModelConfig, segments: SegmentSampler, batch: int, device: torch.device, bf16: bool
+) -> Callable[[], float]:
+    """R's training step as train-world-model and train-agent take it, on one fixed batch (like the
+    denoiser's step, so drawing the batch is not timed)."""
+    seg = segments.sample(batch, cfg.reward_end.segment_length).to_torch(device)
+    trainer = Trainer(model, cfg.reward_end_optimizer)
+    return make_optimiser_step(trainer, lambda: model.compute_loss(seg)[0], device, bf16)
+
+
+def rarely_terminating(model: RewardEndModel) -> None:
+    """Bias R's termination head towards "no", as a trained R predicts on almost every frame.
+
+    An untrained R predicts termination for about half the rows at every imagined step; each
+    ended row restarts from a fresh real segment (a draw and an R and actor-critic warm-up), so
+    the step would cost more than in a real run. Biased, rows end at the horizon only.
+    """
+    with torch.no_grad():
+        model.head_end[-1].bias.copy_(torch.tensor([NO_END_LOGIT, -NO_END_LOGIT]))
+
+
+def make_actor_critic_step(
+    bcfg: BenchConfig, den: Denoiser, reward_end: RewardEndModel, segments: SegmentSampler,
+    args: argparse.Namespace, device: torch.device, bf16: bool,
+) -> Callable[[], float]:
+    """One actor-critic step in imagination, built and taken as diamond.loop._train_actor_critic does."""
+    torch.manual_seed(0)
+    ac = ActorCritic(bcfg.actor_critic, BENCH_NUM_ACTIONS, args.obs_size).to(device)
+    # stages/train_agent.py sets all three networks' layout (D's and R's are set already) and
+    # compiles the U-Net only (done in build_denoiser).
+    set_memory_format(args.channels_last, ac)
+    trainer = Trainer(ac, bcfg.actor_critic.optimizer)
+    sampler = AutocastSampler(den, bcfg.world_model.sampler, device, bf16)
+    imagination = ImaginationEnv(sampler, reward_end, segments, bcfg.world_model.denoiser.num_conditioning_frames,
+                                 args.batch_size, bcfg.actor_critic.horizon, device)
+    den.eval()
+    reward_end.eval()
+    ac.train()
+
+    def loss_fn() -> torch.Tensor:
+        return imagination_loss(ac, imagination, bcfg.actor_critic)[0]
+
+    return make_optimiser_step(trainer, loss_fn, device, bf16=False)  # bf16: in the sampler only
+
+
+def bench_agent_steps(
+    bcfg: BenchConfig, den: Denoiser, args: argparse.Namespace, device: torch.device, bf16: bool
+) -> dict[str, float]:
+    """Time R's training step, one actor-critic step in imagination, and one draw of an R batch."""
+    cfg = bcfg.world_model
+    with tempfile.TemporaryDirectory() as tmp:
+        segments = SegmentSampler(synthetic_store(Path(tmp) / "store", args.obs_size), np.random.default_rng(0))
+        torch.manual_seed(0)
+        reward_end = RewardEndModel(cfg.reward_end, BENCH_NUM_ACTIONS).to(device)
+        set_memory_format(args.channels_last, reward_end)  # R is never compiled (compile_denoiser)
+        r_step = make_reward_end_step(reward_end, cfg, segments, args.batch_size, device, bf16)
+        r_s = best_time(r_step, device, args.reps, args.inner)
+        rarely_terminating(reward_end)
+        ac_step = make_actor_critic_step(bcfg, den, reward_end, segments, args, device, bf16)
+        ac_s = best_time(ac_step, device, args.reps, args.inner)
+
+        def draw() -> None:
+            segments.sample(args.batch_size, cfg.reward_end.segment_length).to_torch(device)
+
+        draw_s = best_time(draw, device, args.reps, args.inner)
+    return {"reward_end_train_step_s": r_s, "actor_critic_train_step_s": ac_s, "segment_batch_draw_s": draw_s}
+
+
+@dataclass(frozen=True)
+class RunSchedule:
+    """Optimiser steps of one run (one game, one seed; DESIGN 3.5) as diamond.loop counts them."""
+
+    initial_env_steps: int
+    collect_epochs: int
+    epochs: int
+    denoiser_steps: int
+    reward_end_steps: int
+    actor_critic_steps: int
+
+
+def collect_epochs(agent: AgentConfig, initial_env_steps: int) -> int:
+    """diamond.loop.AgentRun.collect_epochs, restated: diamond.loop imports the emulator
+    (gymnasium), which this benchmark must run without; tests/test_bench.py checks they agree."""
+    return math.ceil(max(0, agent.total_env_steps - initial_env_steps) / agent.collect_steps_per_epoch)
+
+
+def run_schedule(bcfg: BenchConfig) -> RunSchedule:
+    """The first epoch (D and R: train-world-model; actor-critic: epoch 0 of train-agent), then
+    the per-epoch steps of every collecting and every final epoch."""
+    a, wm = bcfg.agent, bcfg.world_model
+    # The initial collection stops at collect.min_steps once the minority reward classes hold
+    # enough rewards, as in most games; a game that needs up to max_steps has fewer epochs.
+    initial = bcfg.collect.min_steps
+    later = collect_epochs(a, initial) + a.final_epochs_without_collection  # epochs after the first
+    return RunSchedule(
+        initial_env_steps=initial, collect_epochs=collect_epochs(a, initial), epochs=1 + later,
+        denoiser_steps=wm.denoiser_steps + later * a.denoiser_steps_per_epoch,
+        reward_end_steps=wm.reward_end_steps + later * a.reward_end_steps_per_epoch,
+        actor_critic_steps=a.first_epoch_actor_critic_steps + later * a.actor_critic_steps_per_epoch,
+    )
+
+
+def project_run(schedule: RunSchedule, step_s: dict[str, float]) -> dict:
+    """Hours of training work in one run: each model's steps times its step time, and their sum."""
+    parts = {
+        "denoiser": schedule.denoiser_steps * step_s["denoiser"] / 3600,
+        "reward_end": schedule.reward_end_steps * step_s["reward_end"] / 3600,
+        "actor_critic": schedule.actor_critic_steps * step_s["actor_critic"] / 3600,
+    }
+    out: dict = {f"paper_run_{k}": v for k, v in dataclasses.asdict(schedule).items()}
+    out.update({f"paper_run_hours_{k}": v for k, v in parts.items()})
+    out["paper_run_hours"] = sum(parts.values())
+    out["paper_run_days"] = out["paper_run_hours"] / 24
+    out["paper_run_hours_excludes"] = PROJECTION_EXCLUDES
+    return out
 
 
 def compare_bf16(cfg: WorldModelConfig, device: torch.device, steps: int, batch: int, size: int) -> dict:
@@ -247,7 +458,8 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in the peak and the step
     torch.backends.cudnn.allow_tf32 = False
-    cfg = load_world_model_config(args.config)
+    bcfg = load_bench_config(args.config)
+    cfg = bcfg.world_model
     L, size, b = cfg.denoiser.num_conditioning_frames, args.obs_size, args.batch_size
     result: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -286,7 +498,7 @@ def run(args: argparse.Namespace) -> dict:
         if device.type != "cpu":
             raise SystemExit(f"--profile: the breakdown reads CPU op times; not available on {device.type}")
         profile = functools.partial(profile_train_step, flops=flops, peak_gflops=result["matmul_peak_gflops_fp32"])
-    fp32 = bench_mode(cfg, device, args, False, seg, prev_obs, prev_act, profile)
+    fp32, den = bench_mode(cfg, device, args, False, seg, prev_obs, prev_act, profile)
     result["denoiser_train_step_s_fp32"] = fp32["train_step_s"]
     result["sample_frames_per_s_fp32"] = fp32["sample_frames_per_s"]
     result.update({k: v for k, v in fp32.items() if k.startswith("profile_")})
@@ -295,7 +507,8 @@ def run(args: argparse.Namespace) -> dict:
     )
     main = fp32
     if args.bf16:
-        bf = bench_mode(cfg, device, args, True, seg, prev_obs, prev_act)
+        del den  # only the fastest path's denoiser imagines for the actor-critic
+        bf, den = bench_mode(cfg, device, args, True, seg, prev_obs, prev_act)
         result["denoiser_train_step_s_bf16"] = bf["train_step_s"]
         result["sample_frames_per_s_bf16"] = bf["sample_frames_per_s"]
         result["bf16_train_step_speedup"] = fp32["train_step_s"] / bf["train_step_s"]
@@ -309,6 +522,10 @@ def run(args: argparse.Namespace) -> dict:
     result["denoiser_train_step_s"] = main["train_step_s"]
     result["sample_frames_per_s"] = main["sample_frames_per_s"]
     result["train_step_gflops_per_s"] = result["train_step_flops"] / main["train_step_s"] / 1e9
+    result.update(bench_agent_steps(bcfg, den, args, device, args.bf16))
+    step_s = {"denoiser": main["train_step_s"], "reward_end": result["reward_end_train_step_s"],
+              "actor_critic": result["actor_critic_train_step_s"]}
+    result.update(project_run(run_schedule(bcfg), step_s))
     result["peak_memory_mb"] = peak_memory_mb(device)
     if args.compare_bf16_steps:
         cmp_cfg = load_world_model_config(args.compare_config)

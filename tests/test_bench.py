@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from diamond import bench
+
+TINY = ["--config", str(bench.ROOT / "params.yaml"), "--batch-size", "2", "--obs-size", "32", "--reps", "1",
+        "--matmul-size", "256", "--threads", "1"]
 
 
 def test_bench_profile_breakdown_adds_up(tmp_path):
     out = tmp_path / "bench.json"
-    bench.main(["--json", str(out), "--config", str(bench.ROOT / "params.yaml"), "--batch-size", "2",
-                "--obs-size", "32", "--reps", "1", "--matmul-size", "256", "--threads", "1", "--profile"])
+    bench.main(["--json", str(out), *TINY, "--profile"])
     r = json.loads(out.read_text())
     for key in ("denoiser_train_step_s", "sample_frames_per_s", "train_step_flops", "matmul_peak_gflops_fp32",
                 "matmul_peak_gflops_bf16", "train_step_fraction_of_fp32_peak"):
@@ -27,3 +32,47 @@ def test_bench_profile_breakdown_adds_up(tmp_path):
     assert 0 < r["profile_other_share"] < 1
     # Without the rest of the step, the convolutions alone would reach a higher fraction of peak.
     assert r["profile_conv_only_fraction_of_peak"] > r["train_step_fraction_of_fp32_peak"]
+
+
+
+def test_bench_run_projection_adds_up(tmp_path):
+    """The R and actor-critic step times are there, and paper_run_hours is each model's steps of the
+    config's schedule (counted here with diamond.loop's own epoch count) times its step time."""
+    from diamond.config import load_params
+    from diamond.loop import AgentRun
+
+    out = tmp_path / "bench.json"
+    bench.main(["--json", str(out), *TINY, "--bf16", "--channels-last"])
+    r = json.loads(out.read_text())
+    for key in ("reward_end_train_step_s", "actor_critic_train_step_s", "segment_batch_draw_s", "paper_run_hours",
+                "paper_run_hours_denoiser", "paper_run_hours_reward_end", "paper_run_hours_actor_critic"):
+        assert r[key] > 0, key
+    p = load_params(bench.ROOT / "params.yaml")
+    a = p.agent
+    # A run whose initial collection stopped at collect.min_steps; the epoch counts read nothing else.
+    loop_run = AgentRun(params=p, game="Pong", seed=0, device=torch.device("cpu"), store=None, world_model=None,
+                        actor_critic=None, actor_critic_trainer=None, segment_rng=None, policy_rng=None,
+                        initial_env_steps=p.collect.min_steps, env_steps=p.collect.min_steps)
+    later = loop_run.collect_epochs + a.final_epochs_without_collection
+    assert r["paper_run_epochs"] == loop_run.total_epochs == 1 + later
+    steps = {
+        "denoiser": p.world_model.denoiser_steps + later * a.denoiser_steps_per_epoch,
+        "reward_end": p.world_model.reward_end_steps + later * a.reward_end_steps_per_epoch,
+        "actor_critic": a.first_epoch_actor_critic_steps + later * a.actor_critic_steps_per_epoch,
+    }
+    # With --bf16 the headline (bf16) denoiser step is the one the projection uses.
+    step_s = {"denoiser": r["denoiser_train_step_s_bf16"], "reward_end": r["reward_end_train_step_s"],
+              "actor_critic": r["actor_critic_train_step_s"]}
+    for part in steps:
+        assert r[f"paper_run_{part}_steps"] == steps[part], part
+        assert r[f"paper_run_hours_{part}"] == pytest.approx(steps[part] * step_s[part] / 3600), part
+    assert r["paper_run_hours"] == pytest.approx(sum(steps[k] * step_s[k] for k in steps) / 3600)
+    assert "environment stepping" in r["paper_run_hours_excludes"] and "evaluation" in r["paper_run_hours_excludes"]
+
+
+def test_bench_imports_no_emulator_or_tracking():
+    """The GPU machine has only torch, numpy and yaml: importing diamond.bench must not pull in more."""
+    code = ("import sys, diamond.bench; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'gymnasium', 'ale_py', 'cv2', 'mlflow', 'dvc'}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=bench.ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
