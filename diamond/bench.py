@@ -382,12 +382,6 @@ class RunSchedule:
     actor_critic_steps: int
 
 
-def collect_epochs(agent: AgentConfig, initial_env_steps: int) -> int:
-    """diamond.loop.AgentRun.collect_epochs, restated: diamond.loop imports the emulator
-    (gymnasium), which this benchmark must run without; tests/test_bench.py checks they agree."""
-    return math.ceil(max(0, agent.total_env_steps - initial_env_steps) / agent.collect_steps_per_epoch)
-
-
 def run_schedule(bcfg: BenchConfig) -> RunSchedule:
     """The first epoch (D and R: train-world-model; actor-critic: epoch 0 of train-agent), then
     the per-epoch steps of every collecting and every final epoch."""
@@ -395,9 +389,9 @@ def run_schedule(bcfg: BenchConfig) -> RunSchedule:
     # The initial collection stops at collect.min_steps once the minority reward classes hold
     # enough rewards, as in most games; a game that needs up to max_steps has fewer epochs.
     initial = bcfg.collect.min_steps
-    later = collect_epochs(a, initial) + a.final_epochs_without_collection  # epochs after the first
+    later = a.collect_epochs(initial) + a.final_epochs_without_collection  # epochs after the first
     return RunSchedule(
-        initial_env_steps=initial, collect_epochs=collect_epochs(a, initial), epochs=1 + later,
+        initial_env_steps=initial, collect_epochs=a.collect_epochs(initial), epochs=1 + later,
         denoiser_steps=wm.denoiser_steps + later * a.denoiser_steps_per_epoch,
         reward_end_steps=wm.reward_end_steps + later * a.reward_end_steps_per_epoch,
         actor_critic_steps=a.first_epoch_actor_critic_steps + later * a.actor_critic_steps_per_epoch,

@@ -150,6 +150,10 @@ class AgentConfig:
     checkpoint_every_epochs: int
     model_free: bool  # the paper's ablation: actor-critic on real data only
 
+    def collect_epochs(self, initial_env_steps: int) -> int:
+        """Epochs that collect after the first, until the budget is spent (the last may collect less)."""
+        return -(-max(0, self.total_env_steps - initial_env_steps) // self.collect_steps_per_epoch)
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:

@@ -18,7 +18,6 @@ only where the budget is spent: the episode in progress is then stored as trunca
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -67,8 +66,7 @@ class AgentRun:
 
     @property
     def collect_epochs(self) -> int:
-        cfg = self.params.agent
-        return math.ceil(max(0, cfg.total_env_steps - self.initial_env_steps) / cfg.collect_steps_per_epoch)
+        return self.params.agent.collect_epochs(self.initial_env_steps)
 
     @property
     def total_epochs(self) -> int:
