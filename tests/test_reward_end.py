@@ -83,24 +83,3 @@ def test_fits_a_fixed_batch(tiny_params):
 def test_bad_config(tiny_params):
     with pytest.raises(ConfigError, match="depths"):
         RewardEndModel(dataclasses.replace(tiny_params.world_model.reward_end, depths=[1]), num_actions=3)
-
-
-def test_lstms_start_with_the_official_initialisation(tiny_params):
-    """R's LSTM and the actor-critic's LSTMCell: forget-gate bias 1, other biases 0, orthogonal
-    recurrent weights, Xavier-bounded input weights (not PyTorch's wider default)."""
-    from diamond.models.actor_critic import ActorCritic
-
-    torch.manual_seed(0)
-    r = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3).lstm
-    ac = ActorCritic(tiny_params.actor_critic, num_actions=3, obs_size=tiny_params.env.obs_size).lstm
-    for lstm, suffix in ((r, "_l0"), (ac, "")):
-        w_ih, w_hh = getattr(lstm, "weight_ih" + suffix), getattr(lstm, "weight_hh" + suffix)
-        b_ih, b_hh = getattr(lstm, "bias_ih" + suffix), getattr(lstm, "bias_hh" + suffix)
-        h = lstm.hidden_size
-        assert torch.equal(b_ih[h : 2 * h], torch.ones(h))
-        assert torch.count_nonzero(b_ih).item() == h and torch.count_nonzero(b_hh).item() == 0
-        # orthogonal (4h x h): its columns are orthonormal
-        torch.testing.assert_close(w_hh.T @ w_hh, torch.eye(h), atol=1e-5, rtol=0)
-        bound = (6.0 / (w_ih.shape[0] + w_ih.shape[1])) ** 0.5
-        assert w_ih.abs().max().item() <= bound
-        assert w_ih.abs().max().item() > 0.9 * bound  # drawn up to the bound, not narrower
