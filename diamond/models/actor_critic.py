@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from diamond.config import ActorCriticConfig, ConfigError
-from diamond.models.blocks import init_lstm
 
 HiddenState = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,7 +32,6 @@ class ActorCritic(nn.Module):
         self.encoder = nn.Sequential(*layers, nn.Flatten())
         side = obs_size // (2 ** len(cfg.channels))
         self.lstm = nn.LSTMCell(in_ch * side * side, cfg.lstm_dim)
-        init_lstm(self.lstm)
         self.actor = nn.Linear(cfg.lstm_dim, num_actions)
         self.critic = nn.Linear(cfg.lstm_dim, 1)
         # Zero heads: the untrained policy is uniform and the untrained value is 0.

@@ -29,28 +29,6 @@ def num_groups(channels: int, group_channels: int) -> int:
     return max(1, channels // group_channels)
 
 
-def init_lstm(lstm: nn.LSTM | nn.LSTMCell) -> None:
-    """The official DIAMOND's LSTM initialisation, for R's LSTM and the actor-critic's LSTMCell.
-
-    Xavier-uniform input weights, orthogonal recurrent weights, zero biases except the forget
-    gate's (1, so the cell state is kept by default). PyTorch's default draws the input weights
-    from U(+-1/sqrt(hidden)), which for the narrow LSTMs of small configurations over wide encoder
-    features saturates the gates (R at lstm_dim 64 over 1,024 features: 16% of gate
-    pre-activations beyond +-2, 1% with Xavier) and stalls R on the majority class.
-    """
-    for name, p in lstm.named_parameters():
-        if name.startswith("weight_ih"):
-            nn.init.xavier_uniform_(p)
-        elif name.startswith("weight_hh"):
-            nn.init.orthogonal_(p)
-        elif name.startswith("bias"):
-            nn.init.zeros_(p)
-            if name.startswith("bias_ih"):
-                # PyTorch orders the gates (input, forget, cell, output).
-                h = p.shape[0] // 4
-                nn.init.ones_(p[h : 2 * h])
-
-
 class FourierFeatures(nn.Module):
     """Random Fourier features of a scalar (the noise level c_noise): [cos(2 pi f x), sin(2 pi f x)]."""
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diamond.config import ConfigError, RewardEndConfig
-from diamond.models.blocks import Downsample, ResBlocks, init_lstm, num_groups
+from diamond.models.blocks import Downsample, ResBlocks, num_groups
 from diamond.models.denoiser import SegmentLike
 
 NUM_REWARD_CLASSES = 3
@@ -52,7 +52,6 @@ class RewardEndModel(nn.Module):
         self.norm_out = nn.GroupNorm(num_groups(width, cfg.num_groups_channels), width)
         self.pool = nn.AdaptiveAvgPool2d(ENCODER_OUT_SIZE)
         self.lstm = nn.LSTM(width * ENCODER_OUT_SIZE**2, cfg.lstm_dim, batch_first=True)
-        init_lstm(self.lstm)
         self.head_rew = self._head(cfg.lstm_dim, NUM_REWARD_CLASSES)
         self.head_end = self._head(cfg.lstm_dim, NUM_END_CLASSES)
 
