@@ -389,9 +389,10 @@ def run_schedule(bcfg: BenchConfig) -> RunSchedule:
     # The initial collection stops at collect.min_steps once the minority reward classes hold
     # enough rewards, as in most games; a game that needs up to max_steps has fewer epochs.
     initial = bcfg.collect.min_steps
-    later = a.collect_epochs(initial) + a.final_epochs_without_collection  # epochs after the first
+    collecting = a.collect_epochs(initial)
+    later = collecting + a.final_epochs_without_collection  # epochs after the first
     return RunSchedule(
-        initial_env_steps=initial, collect_epochs=a.collect_epochs(initial), epochs=1 + later,
+        initial_env_steps=initial, collect_epochs=collecting, epochs=1 + later,
         denoiser_steps=wm.denoiser_steps + later * a.denoiser_steps_per_epoch,
         reward_end_steps=wm.reward_end_steps + later * a.reward_end_steps_per_epoch,
         actor_critic_steps=a.first_epoch_actor_critic_steps + later * a.actor_critic_steps_per_epoch,
