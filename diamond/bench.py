@@ -355,7 +355,7 @@ def bench_agent_steps(
     with tempfile.TemporaryDirectory() as tmp:
         segments = SegmentSampler(synthetic_store(Path(tmp) / "store", args.obs_size), np.random.default_rng(0))
         torch.manual_seed(0)
-        reward_end = RewardEndModel(cfg.reward_end, BENCH_NUM_ACTIONS).to(device)
+        reward_end = RewardEndModel(cfg.reward_end, BENCH_NUM_ACTIONS, args.obs_size).to(device)
         set_memory_format(args.channels_last, reward_end)  # R is never compiled (compile_denoiser)
         r_step = make_reward_end_step(reward_end, cfg, segments, args.batch_size, device, bf16)
         r_s = best_time(r_step, device, args.reps, args.inner)

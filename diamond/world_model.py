@@ -3,7 +3,7 @@ their optimisers and step counters (the `train-world-model` stage writes it, `tr
 `evaluate` read it).
 
 Checkpoint contents (a dict, written atomically by `save_world_model`):
-  format, num_actions, config (the world_model section, YAML names), architecture_hash,
+  format, num_actions, obs_size, config (the world_model section, YAML names), architecture_hash,
   denoiser, reward_end (model weights), denoiser_trainer, reward_end_trainer (AdamW state and
   step count), plus whatever `extra` the caller adds (the stage adds resume_key, torch and numpy
   random states and the loss curve, so that a resumed run continues exactly).
@@ -24,13 +24,14 @@ from diamond.models.reward_end import RewardEndModel
 from diamond.sampler import DiffusionSampler
 from diamond.training import Trainer
 
-CHECKPOINT_FORMAT = "diamond-world-model/1"
+CHECKPOINT_FORMAT = "diamond-world-model/2"  # /2: R reads its native map, obs_size stored
 
 
 @dataclass
 class WorldModel:
     cfg: WorldModelConfig
     num_actions: int
+    obs_size: int
     denoiser: Denoiser
     reward_end: RewardEndModel
     denoiser_trainer: Trainer
@@ -60,15 +61,17 @@ def architecture_hash(cfg: WorldModelConfig) -> str:
     return params_hash(cfg.denoiser) + params_hash(cfg.reward_end)
 
 
-def build_world_model(cfg: WorldModelConfig, num_actions: int, device: torch.device) -> WorldModel:
-    """Fresh models and optimisers (the caller seeds torch for a reproducible init)."""
+def build_world_model(cfg: WorldModelConfig, num_actions: int, obs_size: int, device: torch.device) -> WorldModel:
+    """Fresh models and optimisers for obs_size x obs_size frames (the caller seeds torch for a
+    reproducible init)."""
     if num_actions < 1:
         raise ConfigError(f"num_actions: {num_actions} must be >= 1")
     denoiser = Denoiser(cfg.denoiser, num_actions).to(device)
-    reward_end = RewardEndModel(cfg.reward_end, num_actions).to(device)
+    reward_end = RewardEndModel(cfg.reward_end, num_actions, obs_size).to(device)
     return WorldModel(
         cfg=cfg,
         num_actions=num_actions,
+        obs_size=obs_size,
         denoiser=denoiser,
         reward_end=reward_end,
         denoiser_trainer=Trainer(denoiser, cfg.denoiser_optimizer),
@@ -80,6 +83,7 @@ def world_model_state(wm: WorldModel) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
         "num_actions": wm.num_actions,
+        "obs_size": wm.obs_size,
         "config": to_dict(wm.cfg),
         "architecture_hash": architecture_hash(wm.cfg),
         "denoiser": wm.denoiser.state_dict(),
@@ -96,8 +100,12 @@ def save_world_model(path: str | Path, wm: WorldModel, extra: dict[str, Any] | N
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and check the format of a world-model checkpoint (tensors on CPU)."""
     ckpt = load_torch(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ArtifactError(f"{path}: not a world-model checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if found != CHECKPOINT_FORMAT:
+        raise ArtifactError(
+            f"{path}: not a world-model checkpoint of format {CHECKPOINT_FORMAT!r} (found {found!r}); "
+            "retrain it with this code"
+        )
     return ckpt
 
 
@@ -120,7 +128,7 @@ def load_world_model(
             f"{path}: built with a different world_model.denoiser/reward_end config than the params "
             "given; retrain the world model or use the params it was trained with"
         )
-    wm = build_world_model(cfg, int(ckpt["num_actions"]), device)
+    wm = build_world_model(cfg, int(ckpt["num_actions"]), int(ckpt["obs_size"]), device)
     wm.denoiser.load_state_dict(ckpt["denoiser"])
     wm.reward_end.load_state_dict(ckpt["reward_end"])
     wm.denoiser_trainer.load_state_dict(ckpt["denoiser_trainer"])

@@ -75,6 +75,8 @@ def build_run(p: Params, game: str, seed: int, store: EpisodeStore, world_model:
     wm = load_world_model(world_model, device, cfg=p.world_model)
     if wm.num_actions != n:
         raise ArtifactError(f"{world_model}: world model has {wm.num_actions} actions, {game} has {n}")
+    if wm.obs_size != p.env.obs_size:
+        raise ArtifactError(f"{world_model}: world model of {wm.obs_size}x{wm.obs_size} frames, not env.obs_size={p.env.obs_size}")
     ac = ActorCritic(p.actor_critic, n, p.env.obs_size).to(device)
     set_memory_format(p.channels_last, wm.denoiser, wm.reward_end, ac)
     compile_networks(p.compile_denoiser, wm.denoiser.net)

@@ -167,6 +167,12 @@ def run(args: Any, p: Params) -> None:
         raise ArtifactError(f"{args.dataset}: dataset of game {store.game!r}, not --game {game!r}")
     if len(store) == 0:
         raise ArtifactError(f"{args.dataset}: the dataset holds no episodes")
+    frame_size = store[0].obs.shape[-1]
+    if frame_size != p.env.obs_size:
+        raise ArtifactError(
+            f"{args.dataset}: frames of {frame_size}x{frame_size}, not env.obs_size={p.env.obs_size}; "
+            "collect again with these params"
+        )
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     key = resume_key(c, game, seed, store)
@@ -175,7 +181,7 @@ def run(args: Any, p: Params) -> None:
     curve, iteration = Curve([]), 0
     resume = find_resume(args.out_checkpoint, key, c)
     if resume is None:
-        wm = build_world_model(c, store.num_actions, device)
+        wm = build_world_model(c, store.num_actions, p.env.obs_size, device)
     else:
         path, ckpt = resume
         wm = load_world_model(path, device, c, ckpt)

@@ -75,7 +75,7 @@ def prepare_run(tmp: Path, params: dict, train_world_model: bool) -> tuple[Path,
 
         torch.manual_seed(0)
         p = params_from_dict(params)
-        save_world_model(run / "world_model.pt", build_world_model(p.world_model, num_actions(GAME), torch.device("cpu")))
+        save_world_model(run / "world_model.pt", build_world_model(p.world_model, num_actions(GAME), p.env.obs_size, torch.device("cpu")))
     return params_file, run
 
 

@@ -45,7 +45,7 @@ def tiny_params() -> Params:
 def _models(params: Params) -> tuple[Denoiser, RewardEndModel]:
     torch.manual_seed(0)
     wm = params.world_model
-    return Denoiser(wm.denoiser, num_actions(GAME)).eval(), RewardEndModel(wm.reward_end, num_actions(GAME)).eval()
+    return Denoiser(wm.denoiser, num_actions(GAME)).eval(), RewardEndModel(wm.reward_end, num_actions(GAME), params.env.obs_size).eval()
 
 
 def _env(params: Params, store: EpisodeStore, horizon: int, seed: int = 0, batch: int = 3) -> ImaginationEnv:

@@ -32,7 +32,7 @@ def test_reward_classes():
 
 def test_forward_shapes_and_recurrence(tiny_params):
     torch.manual_seed(0)
-    model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3).eval()
+    model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=16)  # make_segment frames.eval()
     seg = make_segment(2, 5).to_torch()
     obs, nxt = seg.obs[:, :-1], seg.obs[:, 1:]
     lr, le, (h, c) = model(obs, seg.act, nxt)
@@ -48,7 +48,7 @@ def test_forward_shapes_and_recurrence(tiny_params):
 
 def test_loss_masks_padding(tiny_params):
     torch.manual_seed(0)
-    model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3)
+    model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=16)  # make_segment frames
     seg = make_segment(3, 6)
     seg.mask[:, :3] = False  # the first 3 frames (steps 0..2) are padding before the episode start
     loss1, m = model.compute_loss(seg.to_torch())
@@ -66,7 +66,7 @@ def test_loss_masks_padding(tiny_params):
 def test_fits_a_fixed_batch(tiny_params):
     # Labels are a function of the action, so a working model must fit them.
     torch.manual_seed(0)
-    model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3)
+    model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=16)  # make_segment frames
     trainer = Trainer(model, OptimizerConfig(lr=3e-3, eps=1e-8, weight_decay=0.0, warmup_steps=1, max_grad_norm=100.0))
     seg = make_segment(4, 6)
     seg.rew = (seg.act.astype(np.float32) - 1) * 3
@@ -82,4 +82,17 @@ def test_fits_a_fixed_batch(tiny_params):
 
 def test_bad_config(tiny_params):
     with pytest.raises(ConfigError, match="depths"):
-        RewardEndModel(dataclasses.replace(tiny_params.world_model.reward_end, depths=[1]), num_actions=3)
+        RewardEndModel(dataclasses.replace(tiny_params.world_model.reward_end, depths=[1]), num_actions=3, obs_size=32)
+    with pytest.raises(ConfigError, match="obs_size=31"):  # 2 levels halve the frame once
+        RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=31)
+
+
+def test_lstm_reads_the_encoder_map_as_is(tiny_params):
+    """No resizing before the LSTM: the paper's 4 levels on 64x64 frames end on an 8x8 map of 32
+    channels (2,048 LSTM inputs, as in the official code); 32x32 frames end on 4x4 (512)."""
+    cfg = dataclasses.replace(tiny_params.world_model.reward_end, channels=[32] * 4, depths=[2] * 4, lstm_dim=512)
+    assert RewardEndModel(cfg, num_actions=18, obs_size=64).lstm.input_size == 32 * 8 * 8
+    assert RewardEndModel(cfg, num_actions=18, obs_size=32).lstm.input_size == 32 * 4 * 4
+    model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=16).eval()
+    seg = make_segment(2, 3, size=16).to_torch()
+    assert model.encode(seg.obs[:, :-1].float(), seg.act, seg.obs[:, 1:].float()).shape == (2, 3, 8 * 8 * 8)

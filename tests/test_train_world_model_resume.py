@@ -144,3 +144,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, dataset):
     res = subprocess.run([sys.executable, "-m", "stages.train_world_model", *stage_args(p, tmp_path / "y", tmp_path / "missing")],
                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 2 and res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1
+    d = tiny_params_dict()
+    d["env"]["obs_size"] = 64  # the dataset holds 32x32 frames
+    with pytest.raises(ArtifactError, match="frames of 32x32, not env.obs_size=64"):
+        run_in_process(write_params(tmp_path / "p64.yaml", d), tmp_path / "z", dataset)

@@ -93,7 +93,7 @@ def two_threads():
 def test_denoiser_beats_repeat_last_frame(boxing):
     p, store, held = boxing
     torch.manual_seed(0)
-    wm = build_world_model(p.world_model, store.num_actions, torch.device("cpu"))
+    wm = build_world_model(p.world_model, store.num_actions, p.env.obs_size, torch.device("cpu"))
     L = p.world_model.denoiser.num_conditioning_frames
     segments = SegmentSampler(store, np.random.default_rng(0))
 
@@ -121,7 +121,7 @@ def test_reward_model_recalls_minority_classes(frostbite):
     0.65-0.68 at 1,000 and 0.74-0.76 at 1,500 for two inits; zero recall >= 0.99."""
     p, store, held = frostbite
     torch.manual_seed(0)
-    wm = build_world_model(p.world_model, store.num_actions, torch.device("cpu"))
+    wm = build_world_model(p.world_model, store.num_actions, p.env.obs_size, torch.device("cpu"))
     segments = SegmentSampler(store, np.random.default_rng(0))
     T = p.world_model.reward_end.segment_length
     for _ in range(REWARD_STEPS):
