@@ -99,7 +99,11 @@ def save_world_model(path: str | Path, wm: WorldModel, extra: dict[str, Any] | N
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and check the format of a world-model checkpoint (tensors on CPU)."""
-    ckpt = load_torch(path)
+    return check_format(path, load_torch(path))
+
+
+def check_format(path: str | Path, ckpt: Any) -> dict[str, Any]:
+    """`ckpt` itself, if it is a world-model state this code reads (else a one-line error)."""
     found = ckpt.get("format") if isinstance(ckpt, dict) else None
     if found != CHECKPOINT_FORMAT:
         raise ArtifactError(
@@ -120,7 +124,7 @@ def load_world_model(
     With `cfg`, its denoiser and reward_end sections must match the checkpoint's (optimiser and
     step settings may differ: the caller's are used); without, the checkpoint's config is used.
     """
-    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    ckpt = read_checkpoint(path) if ckpt is None else check_format(path, ckpt)
     if cfg is None:
         cfg = _build(WorldModelConfig, ckpt["config"], "world_model")
     elif architecture_hash(cfg) != ckpt["architecture_hash"]:

@@ -96,3 +96,16 @@ def test_lstm_reads_the_encoder_map_as_is(tiny_params):
     model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=16).eval()
     seg = make_segment(2, 3, size=16).to_torch()
     assert model.encode(seg.obs[:, :-1].float(), seg.act, seg.obs[:, 1:].float()).shape == (2, 3, 8 * 8 * 8)
+
+
+def test_world_model_state_of_another_format_is_a_one_line_error(tiny_params):
+    """An agent checkpoint embeds the world-model state; one from older code names its format."""
+    from diamond.io import ArtifactError
+    from diamond.world_model import build_world_model, load_world_model, world_model_state
+
+    wm = build_world_model(tiny_params.world_model, 3, tiny_params.env.obs_size, torch.device("cpu"))
+    state = world_model_state(wm)
+    assert load_world_model("agent.pt", torch.device("cpu"), tiny_params.world_model, state).obs_size == 32
+    old = {k: v for k, v in state.items() if k != "obs_size"} | {"format": "diamond-world-model/1"}
+    with pytest.raises(ArtifactError, match="agent.pt: .*found 'diamond-world-model/1'.*retrain"):
+        load_world_model("agent.pt", torch.device("cpu"), tiny_params.world_model, old)
