@@ -32,7 +32,7 @@ def test_reward_classes():
 
 def test_forward_shapes_and_recurrence(tiny_params):
     torch.manual_seed(0)
-    model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=16)  # make_segment frames.eval()
+    model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=16).eval()  # make_segment frames
     seg = make_segment(2, 5).to_torch()
     obs, nxt = seg.obs[:, :-1], seg.obs[:, 1:]
     lr, le, (h, c) = model(obs, seg.act, nxt)

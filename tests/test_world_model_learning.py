@@ -11,7 +11,8 @@ Why two games: on Boxing R leaves the majority class abruptly, after a number of
 depends on the initialisation (600 for one init, none by 1,000 for another: its reward events
 are score digits a few pixels wide at 32x32, the opponent's next to the ticking clock); on
 Frostbite a reward turns a whole ice-floe row from white to blue, and R learns it within the
-budget. Both run in every suite (slow, ~4-5 minutes each on 2 threads).
+budget. Both run in every suite (slow, ~4-5 minutes each on 2 threads). The R figures here were
+measured when R still resized its 4x4 encoder map to 8x8 before the LSTM.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def test_reward_model_recalls_minority_classes(frostbite):
     """Frostbite under random play: ~2% of steps are rewarded (landing on a white ice-floe row
     turns the row blue: a wide band of pixels, visible at 32x32). Measured on these data (34
     rewarded steps in 12 held-out lives): positive recall 0 up to 500 steps, 0.18-0.47 at 750,
-    0.65-0.68 at 1,000 and 0.74-0.76 at 1,500 for two inits; zero recall >= 0.99."""
+    0.65-0.68 at 1,000 and 0.74-0.76 at 1,500 for two inits; zero recall >= 0.99. (Measured
+    before R read its encoder's native map: it resized the 4x4 map to 8x8 then.)"""
     p, store, held = frostbite
     torch.manual_seed(0)
     wm = build_world_model(p.world_model, store.num_actions, p.env.obs_size, torch.device("cpu"))
