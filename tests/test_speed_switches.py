@@ -42,7 +42,7 @@ def assert_train_alike(reference: Denoiser, other: Denoiser, trainers: list[Trai
 def test_switch_moves_every_conv_weight_and_back(tiny_params):
     models = [
         Denoiser(tiny_params.world_model.denoiser, 4),
-        RewardEndModel(tiny_params.world_model.reward_end, 4),
+        RewardEndModel(tiny_params.world_model.reward_end, 4, tiny_params.env.obs_size),
         ActorCritic(tiny_params.actor_critic, 4, tiny_params.env.obs_size),
     ]
     for model in models:
