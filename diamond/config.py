@@ -114,6 +114,11 @@ class WorldModelConfig:
     batch_size: int
     denoiser_steps: int  # first epoch: 10,000
     reward_end_steps: int  # first epoch: 10,000
+    # Start R's reward and termination heads at the dataset's log class frequencies (output biases)
+    # instead of PyTorch's default init. Not in the paper or the official code (false in
+    # configs/paper.yaml). At 32x32, R otherwise spends its first thousands of steps at the
+    # majority class: rewards are 2% of Assault's steps and must first be learned as a prior.
+    reward_end_prior_init: bool
     checkpoint_every_steps: int
     log_every_steps: int
 

@@ -35,6 +35,7 @@ from diamond.config import ConfigError, Params, WorldModelConfig, params_hash
 from diamond.data import EpisodeStore, SegmentSampler
 from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
 from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json
+from diamond.models.reward_end import class_counts
 from diamond.training import compile_networks, set_memory_format
 from diamond.world_model import WorldModel, build_world_model, load_world_model, read_checkpoint, save_world_model
 from stages.common import base_parser, load_checked_params, resolve_device, run_main
@@ -118,6 +119,14 @@ class Curve:
         return buf.getvalue().encode()
 
 
+def init_reward_end_priors(wm: WorldModel, store: EpisodeStore) -> None:
+    """R's heads start at the dataset's class frequencies (world_model.reward_end_prior_init)."""
+    episodes = [store[i] for i in range(len(store))]
+    reward, end = class_counts(np.concatenate([ep.rew for ep in episodes]), np.concatenate([ep.terminated for ep in episodes]))
+    wm.reward_end.init_heads_to_priors(reward, end)
+    print(f"reward_end heads start at the dataset's priors: rewards -/0/+ {reward.tolist()}, terminations no/yes {end.tolist()}")
+
+
 def training_state(key: str, seg_rng: np.random.Generator, curve: Curve, iteration: int) -> dict[str, Any]:
     return {
         "resume_key": key,
@@ -182,6 +191,8 @@ def run(args: Any, p: Params) -> None:
     resume = find_resume(args.out_checkpoint, key, c)
     if resume is None:
         wm = build_world_model(c, store.num_actions, p.env.obs_size, device)
+        if c.reward_end_prior_init:
+            init_reward_end_priors(wm, store)
     else:
         path, ckpt = resume
         wm = load_world_model(path, device, c, ckpt)

@@ -10,7 +10,7 @@ import torch
 
 from diamond.config import ConfigError, OptimizerConfig
 from diamond.data import Segment
-from diamond.models.reward_end import RewardEndModel, reward_classes
+from diamond.models.reward_end import RewardEndModel, class_counts, log_priors, reward_classes
 from diamond.training import Trainer
 
 
@@ -28,6 +28,21 @@ def make_segment(b: int, n: int, seed: int = 0, size: int = 16) -> Segment:
 
 def test_reward_classes():
     assert reward_classes(torch.tensor([-3.0, 0.0, 0.5, 10.0])).tolist() == [0, 1, 2, 2]
+
+
+def test_heads_start_at_the_class_priors(tiny_params):
+    rew = np.array([0, 0, 0, 0, 0, 0, 0, 3.0, 1.0, 0], np.float32)  # no negative reward
+    terminated = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 1], bool)
+    reward, end = class_counts(rew, terminated)
+    assert reward.tolist() == [0, 8, 2] and end.tolist() == [9, 1]
+    model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=16)
+    model.init_heads_to_priors(reward, end)
+    # Add-one smoothing: the unseen class gets a finite, small probability.
+    assert torch.allclose(model.head_rew[-1].bias.softmax(0), torch.tensor([1 / 13, 9 / 13, 3 / 13]), atol=1e-6)
+    assert torch.allclose(model.head_end[-1].bias.softmax(0), torch.tensor([10 / 12, 2 / 12]), atol=1e-6)
+    assert torch.allclose(log_priors(reward).exp().sum(), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="2 class counts for a head of 3 classes"):
+        model.init_heads_to_priors(end, end)
 
 
 def test_forward_shapes_and_recurrence(tiny_params):

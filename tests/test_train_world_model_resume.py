@@ -20,6 +20,7 @@ from diamond.config import params_from_dict
 from diamond.data import EpisodeStore
 from diamond.env import make_env, num_actions
 from diamond.io import ArtifactError, read_json
+from diamond.models.reward_end import class_counts, log_priors
 from diamond.world_model import load_world_model, read_checkpoint
 from stages import train_world_model as stage
 
@@ -135,6 +136,23 @@ def test_killed_run_resumes_from_partial_checkpoint(tmp_path, dataset):
     done = read_checkpoint(out / "world_model.pt")
     assert done["denoiser_trainer"]["num_steps"] == k + 2 and adam_steps(done, "denoiser_trainer") == {k + 2}
     assert done["iteration"] == k + 2 and not partial.exists()
+
+
+@pytest.mark.parametrize("prior_init", [True, False])
+def test_reward_end_prior_init_sets_the_heads_from_the_dataset(tmp_path, dataset, prior_init):
+    # No training step: the checkpoint holds R's initial heads.
+    d = tiny_params_dict()
+    d["world_model"].update(denoiser_steps=0, reward_end_steps=0, reward_end_prior_init=prior_init)
+    d["evaluate"].update(fidelity_horizons=[1], gif_frames=2)
+    run_in_process(write_params(tmp_path / "p.yaml", d), tmp_path / "run", dataset)
+    state = read_checkpoint(tmp_path / "run" / "world_model.pt")["reward_end"]
+    store = EpisodeStore(dataset)
+    eps = [store[i] for i in range(len(store))]
+    reward, end = class_counts(np.concatenate([e.rew for e in eps]), np.concatenate([e.terminated for e in eps]))
+    assert reward.sum() == end.sum() == store.num_steps
+    at_prior = [torch.allclose(state[f"{head}.2.bias"], log_priors(counts))
+                for head, counts in (("head_rew", reward), ("head_end", end))]
+    assert at_prior == [prior_init, prior_init]
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, dataset):

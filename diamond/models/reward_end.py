@@ -8,6 +8,7 @@ masked on padding before the episode start.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +24,19 @@ NUM_END_CLASSES = 2
 def reward_classes(rew: Tensor) -> Tensor:
     """sign(reward) in {-1, 0, 1} -> class index {0, 1, 2}."""
     return (torch.sign(rew) + 1).long()
+
+
+def class_counts(rew: np.ndarray, terminated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Transitions per reward class (sign -1, 0, +1) and per termination class (no, yes)."""
+    reward = np.bincount((np.sign(rew) + 1).astype(np.int64), minlength=NUM_REWARD_CLASSES)
+    end = np.bincount(terminated.astype(np.int64), minlength=NUM_END_CLASSES)
+    return reward, end
+
+
+def log_priors(counts: np.ndarray) -> Tensor:
+    """Log class frequencies, add-one smoothed so that an unseen class gets a finite bias."""
+    smoothed = np.asarray(counts, dtype=np.float64) + 1.0
+    return torch.from_numpy(np.log(smoothed / smoothed.sum())).float()
 
 
 class RewardEndModel(nn.Module):
@@ -64,6 +78,16 @@ class RewardEndModel(nn.Module):
     @staticmethod
     def _head(dim: int, classes: int) -> nn.Sequential:
         return nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, classes))
+
+    @torch.no_grad()
+    def init_heads_to_priors(self, reward_counts: np.ndarray, end_counts: np.ndarray) -> None:
+        """Output biases of both heads := log class frequencies, so that R starts at the prior
+        instead of first fitting it (WorldModelConfig.reward_end_prior_init)."""
+        for head, counts in ((self.head_rew, reward_counts), (self.head_end, end_counts)):
+            bias = head[-1].bias
+            if len(counts) != bias.numel():
+                raise ValueError(f"init_heads_to_priors: {len(counts)} class counts for a head of {bias.numel()} classes")
+            bias.copy_(log_priors(counts).to(bias.device))
 
     def encode(self, obs: Tensor, act: Tensor, next_obs: Tensor) -> Tensor:
         """(B, T, 3, H, W) x2 and (B, T) -> (B, T, features)."""
