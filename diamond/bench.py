@@ -1,7 +1,8 @@
 """Benchmark of the world model at the paper's config: `python -m diamond.bench --json PATH`.
 
 Measures, in one process so that the figures are comparable:
-- the machine's fp32 and bf16 matmul peak (best of a few large torch.matmul calls);
+- the machine's fp32 and bf16 matmul peak (best of a few large torch.matmul calls and, on CPU,
+  the same product on oneDNN as a 1x1 convolution);
 - the denoiser's training step (loss, backward, AdamW) at batch 32, 64x64, 4 conditioning frames
   with the U-Net of configs/paper.yaml, its FLOPs (torch.utils.flop_counter) and the fraction of
   the fp32 (and bf16) matmul peak it reaches;
@@ -22,7 +23,10 @@ With --bf16 the step and sampler also run under bf16 autocast and the speedup ov
 reported (the R step and the actor-critic step's sampling, and so the projection, then run
 under bf16 only; the actor-critic and R stay fp32 in imagination, see AutocastSampler);
 --compare-bf16-steps N trains two identical denoisers (fp32 and bf16) for N steps on the same
-learnable synthetic video and reports both losses.
+learnable synthetic video and reports both losses. --reuse-freed-memory first times D's and R's
+fp32 steps with the C library's allocator as found, then keeps freed memory in the process
+(params `reuse_freed_memory`, diamond.allocator) for everything after, and reports the speedups
+(R's without --bf16 only, since R's later step then runs under bf16).
 
 Only torch, numpy and yaml are needed (no gymnasium), so it runs on a bare GPU machine.
 Timings on a shared CPU are noisy: each figure is the best of several repetitions.
@@ -49,6 +53,7 @@ import torch
 import yaml
 
 from diamond.agent import imagination_loss
+from diamond.allocator import reuse_freed_memory
 from diamond.config import ActorCriticConfig, AgentConfig, CollectConfig, SamplerConfig, WorldModelConfig, _build
 from diamond.data import Episode, EpisodeStore, SegmentSampler
 from diamond.imagination import ImaginationEnv
@@ -130,6 +135,19 @@ def moving_square_segment(batch: int, steps: int, size: int, gen: torch.Generato
     )
 
 
+def cpu_name() -> str:
+    """The CPU's model, family and model number (/proc/cpuinfo): the shared machines differ by
+    session, and the fraction of peak depends on which one ran."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "cpu"
+    info = dict(line.split(":", 1) for line in lines[:30] if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    name = info.get("model name", platform.processor() or "cpu")
+    return f"{name} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -150,10 +168,22 @@ def best_time(fn: Callable[[], None], device: torch.device, reps: int, inner: in
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, n: int, reps: int) -> float:
+    """The best GEMM throughput this torch reaches on an n x n x n product.
+
+    On CPU the same product also runs as a 1x1 channels-last convolution, which oneDNN computes
+    instead of the BLAS behind torch.matmul (MKL), and the faster of the two counts: on the AMD
+    EPYC of some sessions oneDNN's GEMM was ~13% faster than MKL's, and the denoiser's own
+    convolutions run on oneDNN, so MKL alone would understate the peak they are held against.
+    """
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     inner = 10 if device.type == "cuda" else 1
     t = best_time(lambda: torch.matmul(a, b), device, reps, inner)
+    if device.type == "cpu":
+        # (1, n, n, 1) NHWC input: n pixels of n channels; n x n weights: the same 2 n^3 FLOPs.
+        x = a.T[None, :, :, None].contiguous(memory_format=torch.channels_last)
+        w = b.T[:, :, None, None].contiguous(memory_format=torch.channels_last)
+        t = min(t, best_time(lambda: torch.nn.functional.conv2d(x, w), device, reps, inner))
     return 2 * n**3 / t / 1e9
 
 
@@ -287,6 +317,20 @@ def bench_mode(
     return {"train_step_s": step_s, "sample_frames_per_s": prev_obs.shape[0] / sample_s, **breakdown}, den
 
 
+def compare_allocator(cfg, device, args, seg) -> dict:
+    """Time D's and R's fp32 training steps with the C library's allocator as the process found it,
+    then keep freed memory in the process (`diamond.allocator`, as the stages' `reuse_freed_memory`)
+    for the rest of the bench, whose fp32 steps give the speedups."""
+    den = build_denoiser(cfg, device, args.channels_last, args.compile)
+    d_s = best_time(make_train_step(den, cfg, seg, device, False), device, args.reps, args.inner)
+    del den
+    with tempfile.TemporaryDirectory() as tmp:
+        segments = SegmentSampler(synthetic_store(Path(tmp) / "store", args.obs_size), np.random.default_rng(0))
+        r_s, _ = time_reward_end_step(cfg, segments, args, device, False)
+    return {"denoiser_train_step_s_fp32_allocator_as_found": d_s, "reward_end_train_step_s_fp32_allocator_as_found": r_s,
+            "reuse_freed_memory": reuse_freed_memory(True)}
+
+
 def synthetic_store(root: Path, size: int) -> EpisodeStore:
     """A small real EpisodeStore of moving-square episodes, for the real SegmentSampler to draw from."""
     gen = torch.Generator().manual_seed(3)
@@ -310,6 +354,17 @@ def make_reward_end_step(
     seg = segments.sample(batch, cfg.reward_end.segment_length).to_torch(device)
     trainer = Trainer(model, cfg.reward_end_optimizer)
     return make_optimiser_step(trainer, lambda: model.compute_loss(seg)[0], device, bf16)
+
+
+def time_reward_end_step(
+    cfg: WorldModelConfig, segments: SegmentSampler, args: argparse.Namespace, device: torch.device, bf16: bool
+) -> tuple[float, RewardEndModel]:
+    """R's training step time, and the R it trained."""
+    torch.manual_seed(0)
+    reward_end = RewardEndModel(cfg.reward_end, BENCH_NUM_ACTIONS, args.obs_size).to(device)
+    set_memory_format(args.channels_last, reward_end)  # R is never compiled (compile_denoiser)
+    r_step = make_reward_end_step(reward_end, cfg, segments, args.batch_size, device, bf16)
+    return best_time(r_step, device, args.reps, args.inner), reward_end
 
 
 def rarely_terminating(model: RewardEndModel) -> None:
@@ -354,11 +409,7 @@ def bench_agent_steps(
     cfg = bcfg.world_model
     with tempfile.TemporaryDirectory() as tmp:
         segments = SegmentSampler(synthetic_store(Path(tmp) / "store", args.obs_size), np.random.default_rng(0))
-        torch.manual_seed(0)
-        reward_end = RewardEndModel(cfg.reward_end, BENCH_NUM_ACTIONS, args.obs_size).to(device)
-        set_memory_format(args.channels_last, reward_end)  # R is never compiled (compile_denoiser)
-        r_step = make_reward_end_step(reward_end, cfg, segments, args.batch_size, device, bf16)
-        r_s = best_time(r_step, device, args.reps, args.inner)
+        r_s, reward_end = time_reward_end_step(cfg, segments, args, device, bf16)
         rarely_terminating(reward_end)
         ac_step = make_actor_critic_step(bcfg, den, reward_end, segments, args, device, bf16)
         ac_s = best_time(ac_step, device, args.reps, args.inner)
@@ -457,7 +508,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = bcfg.world_model
     L, size, b = cfg.denoiser.num_conditioning_frames, args.obs_size, args.batch_size
     result: dict = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "config": str(args.config),
@@ -493,7 +544,14 @@ def run(args: argparse.Namespace) -> dict:
         if device.type != "cpu":
             raise SystemExit(f"--profile: the breakdown reads CPU op times; not available on {device.type}")
         profile = functools.partial(profile_train_step, flops=flops, peak_gflops=result["matmul_peak_gflops_fp32"])
+    result["reuse_freed_memory"] = False
+    if args.reuse_freed_memory:
+        result.update(compare_allocator(cfg, device, args, seg))
     fp32, den = bench_mode(cfg, device, args, False, seg, prev_obs, prev_act, profile)
+    if args.reuse_freed_memory:
+        result["reuse_freed_memory_train_step_speedup"] = (
+            result["denoiser_train_step_s_fp32_allocator_as_found"] / fp32["train_step_s"]
+        )
     result["denoiser_train_step_s_fp32"] = fp32["train_step_s"]
     result["sample_frames_per_s_fp32"] = fp32["sample_frames_per_s"]
     result.update({k: v for k, v in fp32.items() if k.startswith("profile_")})
@@ -518,6 +576,10 @@ def run(args: argparse.Namespace) -> dict:
     result["sample_frames_per_s"] = main["sample_frames_per_s"]
     result["train_step_gflops_per_s"] = result["train_step_flops"] / main["train_step_s"] / 1e9
     result.update(bench_agent_steps(bcfg, den, args, device, args.bf16))
+    if args.reuse_freed_memory and not args.bf16:  # with --bf16, R's step above ran under bf16
+        result["reuse_freed_memory_reward_end_step_speedup"] = (
+            result["reward_end_train_step_s_fp32_allocator_as_found"] / result["reward_end_train_step_s"]
+        )
     step_s = {"denoiser": main["train_step_s"], "reward_end": result["reward_end_train_step_s"],
               "actor_critic": result["actor_critic_train_step_s"]}
     result.update(project_run(run_schedule(bcfg), step_s))
@@ -543,6 +605,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast and report its speedup")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    p.add_argument("--reuse-freed-memory", action="store_true",
+                   help="time the fp32 step with the allocator as found, then keep freed memory in the process "
+                        "(params reuse_freed_memory) for the rest")
     p.add_argument("--profile", action="store_true",
                    help="CPU: split the fp32 step's time into convolution forward/backward and the rest")
     p.add_argument("--compare-bf16-steps", type=int, default=0, help="train fp32 and bf16 this many steps; compare losses")

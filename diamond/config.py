@@ -189,6 +189,7 @@ class Params:
     device: str  # "cpu", "cuda", or "auto"
     channels_last: bool  # NHWC memory layout for the convolutional networks (speed only)
     compile_denoiser: bool  # torch.compile the denoiser's U-Net (speed only)
+    reuse_freed_memory: bool  # keep freed CPU memory in the process (glibc malloc; speed only)
     env: EnvConfig
     collect: CollectConfig
     world_model: WorldModelConfig

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from diamond.agent import AgentPolicy
+from diamond.allocator import reuse_freed_memory
 from diamond.config import ConfigError, EvaluateConfig
 from diamond.data import EpisodeStore, SegmentSampler
 from diamond.env import num_actions
@@ -65,6 +66,7 @@ def main() -> None:
     p = load_checked_params(args)
     check_evaluate_config(p.evaluate)
     device = resolve_device(p)
+    allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
     game, seed, ev = args.game, args.seed, p.evaluate
     agent = load_torch(args.agent)
     if not isinstance(agent, dict) or "actor_critic" not in agent or "world_model" not in agent:
@@ -75,8 +77,9 @@ def main() -> None:
 
     sections = {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "evaluate": p.evaluate,
                 "method_name": p.aggregate.method_name, "channels_last": p.channels_last,
-                "compile_denoiser": p.compile_denoiser}
+                "compile_denoiser": p.compile_denoiser, "reuse_freed_memory": p.reuse_freed_memory}
     with stage_run("evaluate", sections=sections, game=game, seed=seed, inputs=[args.agent, args.dataset]):
+        mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
         torch.manual_seed(derived_seed(seed, IMAGINATION_STREAM))
         ac = ActorCritic(p.actor_critic, num_actions(game), p.env.obs_size).to(device)
         ac.load_state_dict(agent["actor_critic"])

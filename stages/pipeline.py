@@ -43,13 +43,16 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "collect": ["env", "collect"],
     # fidelity of the trained world model is measured here, on held-out real episodes
     "train-world-model": [
-        "device", "channels_last", "compile_denoiser", "env", "world_model",
+        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "env", "world_model",
         "evaluate.fidelity_episodes", "evaluate.fidelity_horizons", "evaluate.gif_frames",
     ],
-    "train-agent": ["device", "channels_last", "compile_denoiser", "env", "world_model", "actor_critic", "agent"],
+    "train-agent": [
+        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "env", "world_model", "actor_critic",
+        "agent",
+    ],
     "evaluate": [
-        "device", "channels_last", "compile_denoiser", "env", "world_model", "actor_critic", "evaluate",
-        "aggregate.method_name",
+        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "env", "world_model", "actor_critic",
+        "evaluate", "aggregate.method_name",
     ],
     # games and seeds choose which score files enter the table
     "aggregate": ["games", "seeds", "aggregate"],

@@ -28,6 +28,7 @@ import mlflow
 import numpy as np
 import torch
 
+from diamond.allocator import reuse_freed_memory
 from diamond.config import AgentConfig, ConfigError, Params, to_dict
 from diamond.data import EpisodeStore
 from diamond.env import num_actions
@@ -59,7 +60,8 @@ def check_agent_config(a: AgentConfig) -> None:
 def sections(p: Params) -> dict:
     """The config this stage reads (and whose hash decides whether a saved state may resume)."""
     return {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "agent": p.agent,
-            "channels_last": p.channels_last, "compile_denoiser": p.compile_denoiser}
+            "channels_last": p.channels_last, "compile_denoiser": p.compile_denoiser,
+            "reuse_freed_memory": p.reuse_freed_memory}
 
 
 def run_key(p: Params, game: str, seed: int, dataset: Path, world_model: Path) -> str:
@@ -147,12 +149,14 @@ def main() -> None:
     p = load_checked_params(args)
     check_agent_config(p.agent)
     device = resolve_device(p)
+    allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
     for path in (args.dataset, args.world_model):
         if not path.exists():
             raise ArtifactError(f"{path}: input not found")
     key = run_key(p, args.game, args.seed, args.dataset, args.world_model)
     with stage_run("train-agent", sections=sections(p), game=args.game, seed=args.seed,
                    inputs=[args.dataset, args.world_model]):
+        mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
         run, how = start_or_resume(p, args, key, device)
         print(f"train-agent {args.game}-{args.seed}: {how}", flush=True)
         mlflow.set_tag("resume", how)

@@ -31,6 +31,7 @@ import mlflow
 import numpy as np
 import torch
 
+from diamond.allocator import reuse_freed_memory
 from diamond.config import ConfigError, Params, WorldModelConfig, params_hash
 from diamond.data import EpisodeStore, SegmentSampler
 from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
@@ -169,6 +170,7 @@ def run(args: Any, p: Params) -> None:
     c, game, seed = p.world_model, args.game, args.seed
     check_config(c)
     device = resolve_device(p)
+    allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
     if not args.dataset.is_dir():
         raise ArtifactError(f"{args.dataset}: dataset not found (run the collect stage first)")
     store = EpisodeStore(args.dataset)
@@ -208,8 +210,9 @@ def run(args: Any, p: Params) -> None:
     # Only the evaluate keys this stage reads (the fidelity measurement), as in dvc.yaml's params.
     fidelity = {k: getattr(p.evaluate, k) for k in ("fidelity_episodes", "fidelity_horizons", "gif_frames")}
     sections = {"world_model": c, "env": p.env, "evaluate": fidelity, "channels_last": p.channels_last,
-                "compile_denoiser": p.compile_denoiser}
+                "compile_denoiser": p.compile_denoiser, "reuse_freed_memory": p.reuse_freed_memory}
     with stage_run("train-world-model", sections=sections, game=game, seed=seed, inputs=[args.dataset]):
+        mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
         mlflow.log_params({"resumed_from_denoiser_step": wm.denoiser_steps, "resumed_from_reward_end_step": wm.reward_end_steps})
         for name, n in wm.num_parameters().items():
             mlflow.log_param(f"num_parameters_{name}", n)

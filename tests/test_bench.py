@@ -76,3 +76,18 @@ def test_bench_imports_no_emulator_or_tracking():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'gymnasium', 'ale_py', 'cv2', 'mlflow', 'dvc'}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=bench.ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_bench_reuse_freed_memory_times_the_step_both_ways(tmp_path):
+    """--reuse-freed-memory times the fp32 step before and after keeping freed memory (in a child
+    process: the allocator setting is process-wide)."""
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "diamond.bench", "--json", str(out), *TINY, "--reuse-freed-memory"],
+                   cwd=bench.ROOT, capture_output=True, text=True, check=True)
+    r = json.loads(out.read_text())
+    assert r["reuse_freed_memory"] is True
+    assert r["denoiser_train_step_s_fp32_allocator_as_found"] > 0
+    assert r["reuse_freed_memory_train_step_speedup"] == pytest.approx(
+        r["denoiser_train_step_s_fp32_allocator_as_found"] / r["denoiser_train_step_s_fp32"])
+    assert r["reuse_freed_memory_reward_end_step_speedup"] == pytest.approx(
+        r["reward_end_train_step_s_fp32_allocator_as_found"] / r["reward_end_train_step_s"])

@@ -106,6 +106,12 @@ def test_every_stage_is_an_mlflow_run_with_tags_metrics_and_dvc_hashes(pipeline:
             assert (run["tags.game"], run["tags.seed"]) == ("Breakout", "0")
         assert run["tags.params_hash"]
         assert run[metric_cols].notna().any(), f"{stage}: no metrics logged"
+        # the torch stages kept freed memory in the process, as params.yaml asks (glibc here)
+        in_force = run.get("tags.reuse_freed_memory_in_force")  # NaN where a run has no such tag
+        if stage in ("train-world-model", "train-agent", "evaluate"):
+            assert in_force == "True", stage
+        else:
+            assert not isinstance(in_force, str), stage
         # the sections the stage hashes are among the params keys dvc.yaml declares for it
         declared_sections = {k.split(".")[0] for k in STAGE_PARAMS[stage]}
         assert set(run["tags.params_sections"].split(",")) <= declared_sections | {"method_name"}, stage

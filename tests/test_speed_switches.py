@@ -96,7 +96,7 @@ def test_compiled_denoiser_trains_and_samples_like_eager(tiny_params):
     assert compiled.net._compiled_call_impl is not None
 
 
-@pytest.mark.parametrize("key", ["channels_last", "compile_denoiser"])
+@pytest.mark.parametrize("key", ["channels_last", "compile_denoiser", "reuse_freed_memory"])
 def test_speed_switches_must_be_bools(key):
     d = tiny_params_dict()
     d[key] = "yes"
