@@ -317,7 +317,9 @@ def bench_mode(
     return {"train_step_s": step_s, "sample_frames_per_s": prev_obs.shape[0] / sample_s, **breakdown}, den
 
 
-def compare_allocator(cfg, device, args, seg) -> dict:
+def compare_allocator(
+    cfg: WorldModelConfig, device: torch.device, args: argparse.Namespace, seg: BenchSegment
+) -> dict:
     """Time D's and R's fp32 training steps with the C library's allocator as the process found it,
     then keep freed memory in the process (`diamond.allocator`, as the stages' `reuse_freed_memory`)
     for the rest of the bench, whose fp32 steps give the speedups."""
