@@ -114,13 +114,21 @@ def real_data_loss(
 
 
 class AgentPolicy:
-    """The actor-critic as a collector `Policy`: samples its action, uniform with probability epsilon."""
+    """The actor-critic as a collector `Policy`: samples its action, uniform with probability epsilon.
 
-    def __init__(self, ac: ActorCritic, epsilon: float, rng: np.random.Generator, device: torch.device) -> None:
+    `temperature` divides the logits before sampling (IRIS src/agent.py `act`); below 1 the policy
+    commits to its preferred action (agent.collect_temperature: IRIS's trick for Freeway).
+    """
+
+    def __init__(self, ac: ActorCritic, epsilon: float, rng: np.random.Generator, device: torch.device,
+                 temperature: float = 1.0) -> None:
         if not 0.0 <= epsilon <= 1.0:
             raise ConfigError(f"epsilon: {epsilon} is not a probability in [0, 1]")
+        if not temperature > 0:
+            raise ConfigError(f"temperature: {temperature} must be > 0")
         self.ac = ac
         self.epsilon = epsilon
+        self.temperature = temperature
         self.rng = rng
         self.device = device
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -138,5 +146,5 @@ class AgentPolicy:
         explore, u = self.rng.random(2)
         if explore < self.epsilon:
             return int(self.rng.integers(self.ac.num_actions))
-        cdf = torch.softmax(logits[0].double(), dim=-1).cumsum(0).cpu().numpy()
+        cdf = torch.softmax(logits[0].double() / self.temperature, dim=-1).cumsum(0).cpu().numpy()
         return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), self.ac.num_actions - 1))

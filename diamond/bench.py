@@ -4,8 +4,9 @@ Measures, in one process so that the figures are comparable:
 - the machine's fp32 and bf16 matmul peak (best of a few large torch.matmul calls and, on CPU,
   the same product on oneDNN as a 1x1 convolution);
 - the denoiser's training step (loss, backward, AdamW) at batch 32, 64x64, 4 conditioning frames
-  with the U-Net of configs/paper.yaml, its FLOPs (torch.utils.flop_counter) and the fraction of
-  the fp32 (and bf16) matmul peak it reaches;
+  and the configured autoregressive targets (paper.yaml: 2 per sample) with the U-Net of
+  configs/paper.yaml, its FLOPs (torch.utils.flop_counter) and the fraction of the fp32 (and
+  bf16) matmul peak it reaches;
 - imagination throughput: next frames per second with the configured sampler (3 Euler steps);
 - one training step of the reward/termination model R (loss on a segment of
   `reward_end.segment_length` steps, backward, AdamW) and one actor-critic step in imagination
@@ -203,7 +204,7 @@ class AutocastSampler(DiffusionSampler):
     """
 
     def __init__(self, denoiser: Denoiser, cfg: SamplerConfig, device: torch.device, bf16: bool) -> None:
-        super().__init__(denoiser, cfg)
+        super().__init__(denoiser, cfg, quantization=denoiser.cfg.quantization)
         self.device, self.bf16 = device, bf16
 
     def sample(
@@ -363,7 +364,7 @@ def time_reward_end_step(
 ) -> tuple[float, RewardEndModel]:
     """R's training step time, and the R it trained."""
     torch.manual_seed(0)
-    reward_end = RewardEndModel(cfg.reward_end, BENCH_NUM_ACTIONS, args.obs_size).to(device)
+    reward_end = RewardEndModel(cfg.reward_end, BENCH_NUM_ACTIONS, args.obs_size, output_bias=True).to(device)
     set_memory_format(args.channels_last, reward_end)  # R is never compiled (compile_denoiser)
     r_step = make_reward_end_step(reward_end, cfg, segments, args.batch_size, device, bf16)
     return best_time(r_step, device, args.reps, args.inner), reward_end
@@ -377,7 +378,7 @@ def rarely_terminating(model: RewardEndModel) -> None:
     the step would cost more than in a real run. Biased, rows end at the horizon only.
     """
     with torch.no_grad():
-        model.head_end[-1].bias.copy_(torch.tensor([NO_END_LOGIT, -NO_END_LOGIT]))
+        model.head[-1].bias[-2:].copy_(torch.tensor([NO_END_LOGIT, -NO_END_LOGIT]))
 
 
 def make_actor_critic_step(
@@ -478,7 +479,7 @@ def compare_bf16(cfg: WorldModelConfig, device: torch.device, steps: int, batch:
         losses = []
         t0 = time.perf_counter()
         for _ in range(steps):
-            seg = moving_square_segment(batch, cfg.denoiser.num_conditioning_frames, size, gen, device)
+            seg = moving_square_segment(batch, cfg.denoiser.training_segment_steps, size, gen, device)
             with autocast(device, bf16):
                 loss, _ = den.compute_loss(seg)
             trainer.step(loss)
@@ -532,8 +533,8 @@ def run(args: argparse.Namespace) -> dict:
     result["matmul_peak_gflops_bf16"] = matmul_peak_gflops(torch.bfloat16, device, n, args.reps + 2)
 
     gen = torch.Generator().manual_seed(0)
-    seg = moving_square_segment(b, L, size, gen, device)
-    prev_obs, prev_act = seg.obs[:, :L], seg.act
+    seg = moving_square_segment(b, cfg.denoiser.training_segment_steps, size, gen, device)
+    prev_obs, prev_act = seg.obs[:, :L], seg.act[:, :L]
     flops = count_train_step_flops(cfg, seg, device)
     result["train_step_flops"] = flops["total"]
     result["train_step_conv_forward_flops"] = flops["conv_forward"]

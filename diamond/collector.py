@@ -53,19 +53,34 @@ def chw(obs: np.ndarray) -> np.ndarray:
 
 
 class Collector:
-    """Steps `env` with `policy`, keeping an unfinished episode across `collect` calls."""
+    """Steps `env` with `policy`, keeping an unfinished episode across `collect` calls.
 
-    def __init__(self, env: gymnasium.Env, policy: Policy, store: EpisodeStore | None) -> None:
+    With `store_in_progress`, the unfinished episode is also in the store after every `collect`
+    call (neither terminated nor truncated), replaced there as it grows and when it ends, as
+    official src/coroutines/collector.py does while training collects: the newest steps are
+    sampled by training at once instead of only once their episode ends.
+    """
+
+    def __init__(self, env: gymnasium.Env, policy: Policy, store: EpisodeStore | None,
+                 store_in_progress: bool = False) -> None:
         self.env, self.policy, self.store = env, policy, store
+        self.store_in_progress = store_in_progress and store is not None
         self.total_steps = 0
         self.reward_counts = {-1: 0, 0: 0, 1: 0}  # over every step collected, by sign of reward
         self._obs: list[np.ndarray] | None = None  # frames of the unfinished episode
         self._act: list[int] = []
         self._rew: list[float] = []
         self._info: dict = {}
+        self._stored_index: int | None = None  # where the store holds the unfinished episode
 
     def collect(self, num_steps: int) -> list[EpisodeStats]:
         """Take `num_steps` steps; store and return the stats of the episodes that finished."""
+        finished = self._collect(num_steps)
+        if self.store_in_progress and self._act:
+            self._store_in_progress()
+        return finished
+
+    def _collect(self, num_steps: int) -> list[EpisodeStats]:
         finished: list[EpisodeStats] = []
         for _ in range(num_steps):
             if self._obs is None:
@@ -93,14 +108,36 @@ class Collector:
             "info": dict(self._info),
             "total_steps": self.total_steps,
             "reward_counts": dict(self.reward_counts),
+            "stored_index": self._stored_index,
         }
 
     def set_state(self, state: dict) -> None:
+        """Restore `get_state`; the store's copy of the unfinished episode is rewritten to match
+        it (a killed run may have grown or ended it after the state was saved)."""
         self._obs = None if state["obs"] is None else list(state["obs"])
         self._act, self._rew = list(state["act"]), list(state["rew"])
         self._info = dict(state["info"])
         self.total_steps = int(state["total_steps"])
         self.reward_counts = {int(k): int(v) for k, v in state["reward_counts"].items()}
+        self._stored_index = state.get("stored_index")
+        if self._stored_index is not None and self._act:
+            self._store_in_progress()
+
+    def _episode(self, terminated: bool, truncated: bool) -> Episode:
+        t = len(self._act)
+        term = np.zeros(t, dtype=bool)
+        trunc = np.zeros(t, dtype=bool)
+        term[-1], trunc[-1] = terminated, truncated
+        return Episode(obs=np.stack(self._obs), act=np.array(self._act, dtype=np.int64),
+                       rew=np.array(self._rew, dtype=np.float32), terminated=term, truncated=trunc)
+
+    def _store_in_progress(self) -> None:
+        """Put the unfinished episode (not terminated, not truncated) in the store."""
+        ep = self._episode(terminated=False, truncated=False)
+        if self._stored_index is None:
+            self._stored_index = self.store.append(ep, in_progress=True)
+        else:
+            self.store.replace(self._stored_index, ep, in_progress=True)
 
     def flush(self) -> EpisodeStats | None:
         """Store the unfinished episode, cut here (truncated), so no collected step is lost.
@@ -109,20 +146,19 @@ class Collector:
         cut episode had not ended).
         """
         if not self._act:
-            self._obs = None
+            self._obs, self._stored_index = None, None
             return None
         return self._finish(terminated=False, truncated=True)
 
     def _finish(self, terminated: bool, truncated: bool) -> EpisodeStats:
         t = len(self._act)
-        term = np.zeros(t, dtype=bool)
-        trunc = np.zeros(t, dtype=bool)
-        term[-1], trunc[-1] = terminated, truncated
-        ep = Episode(obs=np.stack(self._obs), act=np.array(self._act, dtype=np.int64),
-                     rew=np.array(self._rew, dtype=np.float32), terminated=term, truncated=trunc)
+        ep = self._episode(terminated, truncated)
         if self.store is not None:
-            self.store.append(ep)
-        self._obs, self._act, self._rew = None, [], []
+            if self._stored_index is None:
+                self.store.append(ep)
+            else:
+                self.store.replace(self._stored_index, ep)
+        self._obs, self._act, self._rew, self._stored_index = None, [], [], None
         return EpisodeStats(num_steps=t, ret=ep.ret, game_score=float(self._info.get("game_score", ep.ret)),
                             terminated=terminated, truncated=truncated,
                             game_over=bool(self._info.get("game_over", terminated or truncated)))

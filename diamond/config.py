@@ -72,6 +72,18 @@ class DenoiserConfig:
     train_sigma_min: float
     train_sigma_max: float
     ddpm_num_timesteps: int  # DDPM ablation only
+    # Extra training targets per segment fed back from D's own one-shot estimate (official
+    # denoiser.training.num_autoregressive_steps, config/trainer.yaml: 1); 0 = teacher forcing only.
+    num_autoregressive_steps: int
+    # 8-bit quantization of denoised estimates (sampler and autoregressive feedback): "nearest"
+    # (round) or "truncate" (the official `.byte()`, src/models/diffusion/denoiser.py).
+    quantization: str
+
+    @property
+    def training_segment_steps(self) -> int:
+        """Steps per D training segment: L context steps plus one per autoregressive target
+        (official src/trainer.py: L + 1 + num_autoregressive_steps frames)."""
+        return self.num_conditioning_frames + self.num_autoregressive_steps
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,9 @@ class SamplerConfig:
     s_tmax: float
     s_noise: float
     quantize: bool  # 8-bit quantization of the denoised estimate
+    # Start of sampling: "unit" = N(0, I) (official src/models/diffusion/diffusion_sampler.py) or
+    # "sigma_max" = sigma_max * N(0, I) (standard EDM).
+    initial_noise: str
 
 
 @dataclass(frozen=True)
@@ -127,7 +142,8 @@ class WorldModelConfig:
 class ActorCriticConfig:
     """Actor-critic trained in imagination (DESIGN 3.4)."""
 
-    channels: list[int]
+    channels: list[int]  # encoder channels per level (each level max-pools by 2)
+    num_groups_channels: int  # GroupNorm group size in channels (32)
     lstm_dim: int
     horizon: int
     gamma: float
@@ -154,10 +170,22 @@ class AgentConfig:
     test_episodes: int
     checkpoint_every_epochs: int
     model_free: bool  # the paper's ablation: actor-critic on real data only
+    # Per game: the temperature of the actor's action sampling when it collects real data (logits
+    # divided by it); games not listed sample at 1. The IRIS trick for Freeway (IRIS paper,
+    # Appendix H; eloialonso/iris config/trainer.yaml collection.train.config.temperature), which
+    # the DIAMOND authors say they also used there (eloialonso/diamond issue #34); the released
+    # DIAMOND code has no such switch. Only train-agent's collection reads it: the initial
+    # collection's policy is uniform (official: the untrained actor, whose zero-initialised head
+    # gives logits 0, uniform at any temperature). Test episodes and the score sample at 1.
+    collect_temperature: dict[str, float]
 
     def collect_epochs(self, initial_env_steps: int) -> int:
         """Epochs that collect after the first, until the budget is spent (the last may collect less)."""
         return -(-max(0, self.total_env_steps - initial_env_steps) // self.collect_steps_per_epoch)
+
+    def collect_temperature_of(self, game: str) -> float:
+        """The collecting policy's sampling temperature in `game` (1 unless `collect_temperature` names it)."""
+        return self.collect_temperature.get(game, 1.0)
 
 
 @dataclass(frozen=True)
@@ -233,6 +261,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_convert(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_convert(key_tp, k, f"{where} key {k!r}"): _convert(item_tp, v, f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: union types are not supported in the config")
     if tp is bool:
@@ -266,6 +299,11 @@ def _validate(p: Params) -> None:
     for g in p.games:
         if g not in ATARI_100K_GAMES:
             raise ConfigError(f"games: unknown game {g!r}; allowed: {', '.join(ATARI_100K_GAMES)}")
+    for g, t in p.agent.collect_temperature.items():
+        if g not in ATARI_100K_GAMES:
+            raise ConfigError(f"agent.collect_temperature: unknown game {g!r}; allowed: {', '.join(ATARI_100K_GAMES)}")
+        if not t > 0:
+            raise ConfigError(f"agent.collect_temperature.{g}: {t} must be > 0")
     if not p.games or not p.seeds:
         raise ConfigError("games and seeds must each list at least one entry")
     if p.device not in ("cpu", "cuda", "auto"):
@@ -276,6 +314,18 @@ def _validate(p: Params) -> None:
         )
     if p.world_model.sampler.order not in (1, 2):
         raise ConfigError(f"world_model.sampler.order: {p.world_model.sampler.order!r} is not 1 (Euler) or 2 (Heun)")
+    if p.world_model.sampler.initial_noise not in ("unit", "sigma_max"):
+        raise ConfigError(
+            f"world_model.sampler.initial_noise: {p.world_model.sampler.initial_noise!r} is not 'unit' or 'sigma_max'"
+        )
+    if p.world_model.denoiser.quantization not in ("nearest", "truncate"):
+        raise ConfigError(
+            f"world_model.denoiser.quantization: {p.world_model.denoiser.quantization!r} is not 'nearest' or 'truncate'"
+        )
+    if p.world_model.denoiser.num_autoregressive_steps < 0:
+        raise ConfigError(
+            f"world_model.denoiser.num_autoregressive_steps: {p.world_model.denoiser.num_autoregressive_steps} must be >= 0"
+        )
     if p.collect.min_steps > p.collect.max_steps:
         raise ConfigError(
             f"collect.min_steps ({p.collect.min_steps}) must not exceed collect.max_steps ({p.collect.max_steps})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import zipfile
@@ -75,14 +76,17 @@ def atomic_save_torch(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_torch(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint, turning any truncation or corruption into one clear error."""
+def load_torch(path: str | Path, map_location: str | torch.device = "cpu", weights_only: bool = False) -> Any:
+    """Load a checkpoint, turning any truncation or corruption into one clear error.
+
+    `weights_only` for files from elsewhere (e.g. downloaded official weights): tensors and plain
+    containers only, no arbitrary unpickling."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, pickle.UnpicklingError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ArtifactError(f"{path}: corrupt or truncated checkpoint ({first})") from None
 

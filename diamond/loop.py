@@ -2,18 +2,24 @@
 
 Epoch 0 trains the actor-critic alone for `first_epoch_actor_critic_steps` (the first epoch's
 denoiser and reward/termination training is the `train-world-model` stage). Every later epoch
-collects `collect_steps_per_epoch` real steps with the current policy (epsilon-greedy) into the
-dataset, then trains the denoiser, the reward/termination model and the actor-critic for their
-steps per epoch, until the real-interaction budget (`total_env_steps`, initial collection
-included) is spent; then `final_epochs_without_collection` epochs train without collecting.
+collects `collect_steps_per_epoch` real steps with the current policy (epsilon-greedy, sampled at
+the game's `collect_temperature`) into the dataset, then trains the denoiser, the
+reward/termination model and the actor-critic for their steps per epoch, until the
+real-interaction budget (`total_env_steps`, initial collection included) is spent; then
+`final_epochs_without_collection` epochs train without collecting.
 
 Resume. The whole state (models, optimisers, epoch, step counts, the dataset's episode count,
 numpy and torch random states, and the collection in progress: the emulator's state with its
 random state, the unfinished episode's frames and the policy's LSTM state) is saved atomically
 every `checkpoint_every_epochs` epochs, so a resumed run continues the very game it was playing
 and collects exactly the episodes of an uninterrupted run. Episodes a killed run appended after
-its last checkpoint are dropped on resume (they are collected again, identically). Games are cut
-only where the budget is spent: the episode in progress is then stored as truncated.
+its last checkpoint are dropped on resume, and the episode in progress is put back as it was at
+the checkpoint (they are collected again, identically). Games are cut only where the budget is
+spent: the episode in progress is then stored as truncated.
+
+The episode in progress is in the dataset after every collection call (neither terminated nor
+truncated), replaced as it grows, as official src/coroutines/collector.py does: D, R and the
+imagination's starts sample the newest steps at once, not only once their episode has ended.
 """
 
 from __future__ import annotations
@@ -89,8 +95,9 @@ def _segments(run: AgentRun) -> SegmentSampler:
 def _new_collector(run: AgentRun) -> Collector:
     """The agent's collector: one training environment for the whole run, seeded from the seed."""
     env = make_env(run.game, derived_seed(run.seed, 0, 1), train=True, config=run.params.env)
-    policy = AgentPolicy(run.actor_critic, run.params.agent.epsilon, run.policy_rng, run.device)
-    return Collector(env, policy, run.store)
+    policy = AgentPolicy(run.actor_critic, run.params.agent.epsilon, run.policy_rng, run.device,
+                         temperature=run.params.agent.collect_temperature_of(run.game))
+    return Collector(env, policy, run.store, store_in_progress=True)
 
 
 def _collect(run: AgentRun, num_steps: int) -> list[Any]:
@@ -159,7 +166,7 @@ def _train_world_model(run: AgentRun) -> dict[str, float]:
         return {}
     segments = _segments(run)
     d = train_steps(wm.denoiser_trainer, wm.denoiser.compute_loss, segments, p.world_model.batch_size,
-                    p.agent.denoiser_steps_per_epoch, p.world_model.denoiser.num_conditioning_frames, run.device)
+                    p.agent.denoiser_steps_per_epoch, p.world_model.denoiser.training_segment_steps, run.device)
     r = train_steps(wm.reward_end_trainer, wm.reward_end.compute_loss, segments, p.world_model.batch_size,
                     p.agent.reward_end_steps_per_epoch, p.world_model.reward_end.segment_length, run.device)
     return {**{f"denoiser/{k}": v for k, v in d.items()}, **{f"reward_end/{k}": v for k, v in r.items()}}
@@ -277,7 +284,7 @@ def truncate_store(store: EpisodeStore, num_episodes: int) -> EpisodeStore:
     shutil.rmtree(aside, ignore_errors=True)
     rebuilt = EpisodeStore(aside, store.game, store.num_actions)
     for i in range(num_episodes):
-        rebuilt.append(store[i])
+        rebuilt.append(store[i], in_progress=store.in_progress(i))
     old = root.with_name(root.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     root.rename(old)

@@ -1,12 +1,19 @@
 """Sampling the next frame from the denoiser (DESIGN 3.2): Karras schedule, Euler/Heun, churn.
 
 The ODE is the variance-exploding probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma.
-Sampling starts from sigma_max * N(0, I). The offset noise of training is not added at the start:
-the denoiser's conditioners always include it (s = sqrt(sigma^2 + 0.3^2)), and its variance
-(0.09) is negligible beside sigma_max^2 = 25, so the start stays inside the training
-distribution; this is also what DIAMOND's sampler does. With `quantize`, each denoised estimate is
-rounded to the 256 levels of the uint8 data before the solver uses it. The last step goes to
-sigma = 0, where an Euler step returns the (quantized) denoised estimate itself.
+Where it starts is `sampler.initial_noise`:
+- "unit": x ~ N(0, I), std 1, although the first step treats x as being at sigma_max. This is
+  what DIAMOND's sampler does (official src/models/diffusion/diffusion_sampler.py,
+  `x = torch.randn(b, c, h, w)`), so its samples are less noisy and closer to the conditional mean.
+- "sigma_max": x ~ sigma_max * N(0, I), standard EDM (Karras et al. 2022, Algorithm 1).
+In both, the offset noise of training is not added at the start: the denoiser's conditioners
+always include it (s = sqrt(sigma^2 + 0.3^2)), as in the official sampler.
+
+With `quantize`, each denoised estimate is clamped and put on the 256 levels of the uint8 data
+before the solver uses it, as the official denoiser does (`wrap_model_output`), with the
+denoiser's rounding rule `quantization` ("nearest" rounds, "truncate" is the official `.byte()`,
+see `quantize_8bit`). The last step goes to sigma = 0, where an Euler step returns the (quantized)
+denoised estimate itself.
 """
 
 from __future__ import annotations
@@ -38,9 +45,24 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def quantize_8bit(x: Tensor) -> Tensor:
-    """Round a [-1, 1] image to the 256 levels of uint8 data (x = u / 127.5 - 1), clamping first."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+QUANTIZATIONS = ("nearest", "truncate")
+
+
+def quantize_8bit(x: Tensor, mode: str = "nearest") -> Tensor:
+    """Put a [-1, 1] image on the 256 levels of uint8 data (x = u / 127.5 - 1), clamping first.
+
+    "nearest" rounds to the nearest level (unbiased). "truncate" is the official arithmetic
+    (src/models/diffusion/denoiser.py, `wrap_model_output`): clamp(-1, 1).add(1).div(2).mul(255),
+    then `.byte()`, which rounds down, then div(255).mul(2).sub(1), in that order. In float32
+    (u / 127.5 - 1 + 1) / 2 * 255 lands just below u for 63 of the 256 levels, so even an exact
+    estimate of those levels comes out one level (1/127.5) low.
+    """
+    if mode == "nearest":
+        return ((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    if mode == "truncate":
+        # floor() equals the uint8 cast on [0, 255] and keeps x's dtype and device.
+        return x.clamp(-1, 1).add(1).div(2).mul(255).floor().div(255).mul(2).sub(1)
+    raise ValueError(f"quantization: {mode!r} is not one of {', '.join(map(repr, QUANTIZATIONS))}")
 
 
 def euler_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
@@ -90,11 +112,20 @@ def sample_ode(
 
 
 class DiffusionSampler:
-    """Generates the next frame from the past L frames and actions with a trained denoiser."""
+    """Generates the next frame from the past L frames and actions with a trained denoiser.
 
-    def __init__(self, denoiser: DenoiserLike, cfg: SamplerConfig) -> None:
+    `quantization` is the denoiser's (`world_model.denoiser.quantization`), used when
+    `cfg.quantize`.
+    """
+
+    def __init__(self, denoiser: DenoiserLike, cfg: SamplerConfig, *, quantization: str) -> None:
+        if cfg.initial_noise not in ("unit", "sigma_max"):
+            raise ValueError(f"sampler.initial_noise: {cfg.initial_noise!r} is not 'unit' or 'sigma_max'")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: {quantization!r} is not one of {', '.join(map(repr, QUANTIZATIONS))}")
         self.denoiser = denoiser
         self.cfg = cfg
+        self.quantization = quantization
         self.sigmas = karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
 
     @torch.no_grad()
@@ -102,11 +133,12 @@ class DiffusionSampler:
         """prev_obs float (B, L, 3, H, W) in [-1, 1], prev_act long (B, L) -> next_obs (B, 3, H, W)."""
         b, _, c, h, w = prev_obs.shape
         x = torch.randn((b, c, h, w), generator=generator, device=prev_obs.device, dtype=torch.float32)
-        x = x * self.cfg.sigma_max
+        if self.cfg.initial_noise == "sigma_max":
+            x = x * self.cfg.sigma_max
 
         def denoise_fn(x_noisy: Tensor, sigma: float) -> Tensor:
             denoised = self.denoiser.denoise(x_noisy, sigma, prev_obs, prev_act)
-            return quantize_8bit(denoised) if self.cfg.quantize else denoised
+            return quantize_8bit(denoised, self.quantization) if self.cfg.quantize else denoised
 
         x = sample_ode(denoise_fn, x, self.sigmas, self.cfg, generator)
         return x.clamp(-1, 1)

@@ -13,16 +13,59 @@ import torch
 from torch import Tensor, nn
 
 from diamond.config import OptimizerConfig
+from diamond.io import ArtifactError
+
+# Official configure_opt (src/utils.py, after minGPT): only the weights of these layers decay ...
+DECAYED_WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.LSTMCell, nn.LSTM)
+# ... and the weights of these never do (nor does any bias).
+UNDECAYED_WEIGHT_MODULES = (nn.LayerNorm, nn.Embedding, nn.GroupNorm)
+
+
+def weight_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decayed, not decayed) parameters of `model`, in module order, split as the official
+    configure_opt does (src/utils.py): weights of Linear, Conv and LSTM(Cell) layers decay (LSTM:
+    weight_ih_l*/weight_hh_l*), biases and the weights of Embedding and normalisation layers do
+    not. A parameter of any other kind of module is an error, as it is there.
+    """
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            is_weight = name.endswith("weight") or name.startswith("weight_")
+            if "bias" in name:
+                no_decay.append(p)
+            elif is_weight and isinstance(module, DECAYED_WEIGHT_MODULES):
+                decay.append(p)
+            elif is_weight and isinstance(module, UNDECAYED_WEIGHT_MODULES):
+                no_decay.append(p)
+            else:
+                full = f"{module_name}.{name}" if module_name else name
+                raise ValueError(
+                    f"weight decay: parameter {full!r} of a {type(module).__name__} is neither a bias nor the "
+                    "weight of a Linear/Conv/LSTM (decayed) or Embedding/GroupNorm/LayerNorm (not decayed) layer"
+                )
+    return decay, no_decay
 
 
 class Trainer:
-    """One optimiser for one model: AdamW, linear warm-up over `warmup_steps`, grad-norm clipping."""
+    """One optimiser for one model: AdamW, linear warm-up over `warmup_steps`, grad-norm clipping.
+
+    Two parameter groups, as in the official configure_opt (src/utils.py): group 0 (weights of
+    Linear, Conv and LSTM layers) decays by `weight_decay`, group 1 (biases, Embedding and
+    GroupNorm weights) does not decay (`weight_decay_groups`).
+    """
 
     def __init__(self, model: nn.Module, opt_cfg: OptimizerConfig) -> None:
         self.model = model
         self.cfg = opt_cfg
+        decay, no_decay = weight_decay_groups(model)
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=opt_cfg.lr, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay
+            [{"params": decay, "weight_decay": opt_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=opt_cfg.lr, eps=opt_cfg.eps,
         )
         self.num_steps = 0
 
@@ -48,6 +91,15 @@ class Trainer:
         return {"optimizer": self.optimizer.state_dict(), "num_steps": self.num_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the AdamW state; one saved with another group layout (e.g. the former single
+        group that decayed every parameter) is a one-line ArtifactError."""
+        saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+        expected = [len(g["params"]) for g in self.optimizer.param_groups]
+        if saved != expected:
+            raise ArtifactError(
+                f"optimizer state has parameter groups of sizes {saved}, this model's (decayed, not decayed) "
+                f"groups have {expected}: it was saved by an older version or for another model; retrain"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.num_steps = int(state["num_steps"])
 

@@ -24,7 +24,7 @@ from diamond.models.reward_end import RewardEndModel
 from diamond.sampler import DiffusionSampler
 from diamond.training import Trainer
 
-CHECKPOINT_FORMAT = "diamond-world-model/2"  # /2: R reads its native map, obs_size stored
+CHECKPOINT_FORMAT = "diamond-world-model/3"  # /3: the official module tree (docs/official-parity.md)
 
 
 @dataclass
@@ -39,7 +39,7 @@ class WorldModel:
 
     @property
     def sampler(self) -> DiffusionSampler:
-        return DiffusionSampler(self.denoiser, self.cfg.sampler)
+        return DiffusionSampler(self.denoiser, self.cfg.sampler, quantization=self.cfg.denoiser.quantization)
 
     @property
     def denoiser_steps(self) -> int:
@@ -57,8 +57,9 @@ class WorldModel:
 
 
 def architecture_hash(cfg: WorldModelConfig) -> str:
-    """What the weights' shapes and meaning depend on: the denoiser and reward model configs."""
-    return params_hash(cfg.denoiser) + params_hash(cfg.reward_end)
+    """What the weights' shapes and meaning depend on: the denoiser and reward model configs, and
+    whether R's last layer has a bias (only with reward_end_prior_init)."""
+    return params_hash(cfg.denoiser) + params_hash(cfg.reward_end) + ("+bias" if cfg.reward_end_prior_init else "")
 
 
 def build_world_model(cfg: WorldModelConfig, num_actions: int, obs_size: int, device: torch.device) -> WorldModel:
@@ -67,7 +68,7 @@ def build_world_model(cfg: WorldModelConfig, num_actions: int, obs_size: int, de
     if num_actions < 1:
         raise ConfigError(f"num_actions: {num_actions} must be >= 1")
     denoiser = Denoiser(cfg.denoiser, num_actions).to(device)
-    reward_end = RewardEndModel(cfg.reward_end, num_actions, obs_size).to(device)
+    reward_end = RewardEndModel(cfg.reward_end, num_actions, obs_size, output_bias=cfg.reward_end_prior_init).to(device)
     return WorldModel(
         cfg=cfg,
         num_actions=num_actions,

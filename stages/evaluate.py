@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from diamond.agent import AgentPolicy
+from diamond.agent_checkpoint import read_agent_checkpoint
 from diamond.allocator import reuse_freed_memory
 from diamond.config import ConfigError, EvaluateConfig
 from diamond.data import EpisodeStore, SegmentSampler
@@ -29,7 +30,7 @@ from diamond.env import num_actions
 from diamond.evaluation import RecordingPolicy, imagined_frames, score_record, test_episode_returns, write_gif
 from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
 from diamond.imagination import ImaginationEnv
-from diamond.io import ArtifactError, atomic_write_json, load_torch
+from diamond.io import atomic_write_json
 from diamond.loop import derived_seed
 from diamond.models.actor_critic import ActorCritic
 from diamond.training import compile_networks, set_memory_format
@@ -68,11 +69,7 @@ def main() -> None:
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
     game, seed, ev = args.game, args.seed, p.evaluate
-    agent = load_torch(args.agent)
-    if not isinstance(agent, dict) or "actor_critic" not in agent or "world_model" not in agent:
-        raise ArtifactError(f"{args.agent}: not an agent checkpoint (needs actor_critic and world_model)")
-    if agent.get("game") != game:
-        raise ArtifactError(f"{args.agent}: agent was trained on {agent.get('game')!r}, not --game {game!r}")
+    agent = read_agent_checkpoint(args.agent, game)
     store = EpisodeStore(args.dataset, game=game)
 
     sections = {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "evaluate": p.evaluate,

@@ -28,6 +28,7 @@ import mlflow
 import numpy as np
 import torch
 
+from diamond.agent_checkpoint import agent_checkpoint, read_agent_checkpoint
 from diamond.allocator import reuse_freed_memory
 from diamond.config import AgentConfig, ConfigError, Params, to_dict
 from diamond.data import EpisodeStore
@@ -64,14 +65,19 @@ def sections(p: Params) -> dict:
             "reuse_freed_memory": p.reuse_freed_memory}
 
 
-def run_key(p: Params, game: str, seed: int, dataset: Path, world_model: Path) -> str:
+def run_key(p: Params, game: str, seed: int, dataset: Path, world_model: Path, init_agent: Path | None = None) -> str:
     """Hash of the params and inputs a run was started with; a saved state resumes only under it."""
     parts = {k: to_dict(v) if dataclasses.is_dataclass(v) else v for k, v in sections(p).items()}
     parts.update(game=game, seed=seed, device=p.device, dataset=dvc_md5(dataset), world_model=dvc_md5(world_model))
+    if init_agent is not None:
+        parts["init_agent"] = dvc_md5(init_agent)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_run(p: Params, game: str, seed: int, store: EpisodeStore, world_model: Path, device: torch.device) -> AgentRun:
+def build_run(
+    p: Params, game: str, seed: int, store: EpisodeStore, world_model: Path, device: torch.device,
+    init_agent: Path | None = None,
+) -> AgentRun:
     torch.manual_seed(int(np.random.SeedSequence([seed, TORCH_STREAM]).generate_state(1)[0]))
     n = num_actions(game)
     wm = load_world_model(world_model, device, cfg=p.world_model)
@@ -80,6 +86,8 @@ def build_run(p: Params, game: str, seed: int, store: EpisodeStore, world_model:
     if wm.obs_size != p.env.obs_size:
         raise ArtifactError(f"{world_model}: world model of {wm.obs_size}x{wm.obs_size} frames, not env.obs_size={p.env.obs_size}")
     ac = ActorCritic(p.actor_critic, n, p.env.obs_size).to(device)
+    if init_agent is not None:  # continue training an agent (e.g. imported official weights)
+        ac.load_state_dict(read_agent_checkpoint(init_agent, game)["actor_critic"])
     set_memory_format(p.channels_last, wm.denoiser, wm.reward_end, ac)
     compile_networks(p.compile_denoiser, wm.denoiser.net)
     return AgentRun(
@@ -96,7 +104,7 @@ def start_or_resume(p: Params, args, key: str, device: torch.device) -> tuple[Ag
     saved = saved_run_key(state_dir)
     if saved == key:
         store = EpisodeStore(state_dir / DATASET_DIR)
-        run = load_state(build_run(p, args.game, args.seed, store, args.world_model, device), state_dir)
+        run = load_state(build_run(p, args.game, args.seed, store, args.world_model, device, args.init_agent), state_dir)
         return run, f"resumed from {state_dir / STATE_FILE} at epoch {run.epoch}/{run.total_epochs}"
     why = "no saved state" if saved is None else f"saved state has params/input hash {saved}, this run {key}"
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -105,17 +113,15 @@ def start_or_resume(p: Params, args, key: str, device: torch.device) -> tuple[Ag
     store = initial.copy_to(state_dir / DATASET_DIR)
     if store.game != args.game:
         raise ArtifactError(f"{args.dataset}: dataset holds game {store.game!r}, not --game {args.game!r}")
-    return build_run(p, args.game, args.seed, store, args.world_model, device), f"started fresh ({why})"
+    return build_run(p, args.game, args.seed, store, args.world_model, device, args.init_agent), f"started fresh ({why})"
 
 
 def write_outputs(run: AgentRun, args, wall_seconds: float) -> dict:
     wm = run.world_model
-    atomic_save_torch(args.out_checkpoint, {
-        "game": run.game, "seed": run.seed, "num_actions": run.actor_critic.num_actions,
-        "params": to_dict(run.params),
-        "actor_critic": run.actor_critic.state_dict(),
-        "world_model": world_model_state(wm),  # D and R as trained to the end of the loop
-    })
+    atomic_save_torch(args.out_checkpoint, agent_checkpoint(
+        run.game, run.seed, run.actor_critic.num_actions, to_dict(run.params), run.actor_critic.state_dict(),
+        world_model_state(wm),  # D and R as trained to the end of the loop
+    ))
     run.store.copy_to(args.out_dataset, overwrite=True)
     tests = [r["test/return_mean"] for r in run.curve if "test/return_mean" in r]
     metrics = {
@@ -145,17 +151,20 @@ def main() -> None:
     parser.add_argument("--out-metrics", required=True, type=Path)
     parser.add_argument("--out-curve", required=True, type=Path, help="per-epoch metrics CSV")
     parser.add_argument("--state-dir", required=True, type=Path, help="whole-state checkpoints, for resuming")
+    parser.add_argument("--init-agent", type=Path, default=None,
+                        help="start the actor-critic from this agent checkpoint (e.g. stages.import_official's) "
+                             "instead of a fresh initialisation")
     args = parser.parse_args()
     p = load_checked_params(args)
     check_agent_config(p.agent)
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
-    for path in (args.dataset, args.world_model):
-        if not path.exists():
+    for path in (args.dataset, args.world_model, args.init_agent):
+        if path is not None and not path.exists():
             raise ArtifactError(f"{path}: input not found")
-    key = run_key(p, args.game, args.seed, args.dataset, args.world_model)
+    key = run_key(p, args.game, args.seed, args.dataset, args.world_model, args.init_agent)
     with stage_run("train-agent", sections=sections(p), game=args.game, seed=args.seed,
-                   inputs=[args.dataset, args.world_model]):
+                   inputs=[args.dataset, args.world_model] + ([args.init_agent] if args.init_agent else [])):
         mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
         run, how = start_or_resume(p, args, key, device)
         print(f"train-agent {args.game}-{args.seed}: {how}", flush=True)

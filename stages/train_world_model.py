@@ -150,7 +150,7 @@ def train(
     wm.reward_end.train()
     while wm.denoiser_steps < c.denoiser_steps or wm.reward_end_steps < c.reward_end_steps:
         if wm.denoiser_steps < c.denoiser_steps:
-            seg = segments.sample(c.batch_size, c.denoiser.num_conditioning_frames).to_torch(device)
+            seg = segments.sample(c.batch_size, c.denoiser.training_segment_steps).to_torch(device)
             loss, metrics = wm.denoiser.compute_loss(seg)
             curve.add("denoiser", {**metrics, **wm.denoiser_trainer.step(loss)})
         if wm.reward_end_steps < c.reward_end_steps:

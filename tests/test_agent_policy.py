@@ -79,3 +79,50 @@ def test_bad_epsilon_is_a_clear_error(tiny_params: Params) -> None:
     ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME), tiny_params.env.obs_size)
     with pytest.raises(ConfigError, match="epsilon: 1.5"):
         AgentPolicy(ac, 1.5, np.random.default_rng(0), torch.device("cpu"))
+
+
+def test_temperature_divides_the_logits_and_leaves_a_uniform_actor_uniform(tiny_params: Params) -> None:
+    frames = np.random.default_rng(1).integers(0, 256, size=(200, 3, tiny_params.env.obs_size, tiny_params.env.obs_size), dtype=np.uint8)
+
+    def play(ac: ActorCritic, temperature: float) -> np.ndarray:
+        policy = AgentPolicy(ac, 0.0, np.random.default_rng(7), torch.device("cpu"), temperature=temperature)
+        return np.array([policy.act(f) for f in frames])
+
+    # The untrained actor (zero head, logits 0) is uniform at any temperature, draw for draw.
+    fresh = ActorCritic(tiny_params.actor_critic, num_actions(GAME), tiny_params.env.obs_size)
+    np.testing.assert_array_equal(play(fresh, 1.0), play(fresh, 0.01))
+    # A slight preference (logit +0.1: p = 0.27 at temperature 1) is all but certain at 0.01.
+    leaning = ActorCritic(tiny_params.actor_critic, num_actions(GAME), tiny_params.env.obs_size)
+    with torch.no_grad():
+        leaning.actor.bias[3] = 0.1
+    assert np.mean(play(leaning, 1.0) == 3) < 0.4
+    assert np.mean(play(leaning, 0.01) == 3) > 0.99
+    with pytest.raises(ConfigError, match="temperature: 0"):
+        AgentPolicy(fresh, 0.0, np.random.default_rng(0), torch.device("cpu"), temperature=0)
+
+
+@pytest.mark.parametrize("setting, expect_rewards", [({"Freeway": 0.01}, True), ({}, False), ({"Pong": 0.01}, False)])
+def test_freeway_collect_temperature_reaches_rewards(tmp_path: Path, setting: dict, expect_rewards: bool) -> None:
+    """IRIS's Freeway trick (agent.collect_temperature), on the real game through train-agent's
+    collector: an actor leaning slightly to UP (logit +0.05) samples nearly uniformly at
+    temperature 1, a random walk that does not cross the road in 600 steps; at Freeway's
+    temperature 0.01 it keeps going UP and scores."""
+    from conftest import tiny_params_dict
+    from diamond.config import params_from_dict
+    from diamond.loop import AgentRun, _new_collector
+
+    d = tiny_params_dict()
+    d["games"], d["agent"]["collect_temperature"] = ["Freeway"], setting
+    p = params_from_dict(d)
+    ac = ActorCritic(p.actor_critic, num_actions("Freeway"), p.env.obs_size)
+    with torch.no_grad():
+        ac.actor.bias[1] = 0.05  # Freeway's actions: NOOP, UP, DOWN
+    run = AgentRun(params=p, game="Freeway", seed=0, device=torch.device("cpu"),
+                   store=EpisodeStore(tmp_path / "ds", "Freeway", 3), world_model=None, actor_critic=ac,
+                   actor_critic_trainer=None, segment_rng=np.random.default_rng(0),
+                   policy_rng=np.random.default_rng(0), initial_env_steps=0, env_steps=0)
+    collector = _new_collector(run)
+    assert collector.policy.temperature == (0.01 if "Freeway" in setting else 1.0)
+    collector.collect(600)
+    rewards = collector.reward_counts[1]
+    assert (rewards >= 2) if expect_rewards else (rewards == 0), rewards

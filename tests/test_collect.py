@@ -68,6 +68,83 @@ def test_collection_is_deterministic(tmp_path):
         assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes(), p.name
 
 
+def _store_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+
+def test_episode_in_progress_is_in_the_store_after_every_call(tmp_path):
+    """Official src/coroutines/collector.py: while training collects, the current episode is in the
+    dataset after every collection call (not ended: neither terminated nor truncated), replaced as
+    it grows; the finished dataset is the same, file for file, as when only ended episodes are stored."""
+    store = EpisodeStore(tmp_path / "live", game="Breakout", num_actions=4)
+    collector = Collector(make_env("Breakout", 4, True, CFG), UniformPolicy(4, np.random.default_rng(4)), store,
+                          store_in_progress=True)
+    saw_in_progress = saw_grown = False
+    previous: tuple[int, int] | None = None
+    for _ in range(20):
+        collector.collect(15)
+        assert store.num_steps == collector.total_steps  # every collected step can be sampled now
+        assert len(_store_files(store.root)) == len(store) + 1  # the manifest; no stale versions left
+        reopened = EpisodeStore(store.root)  # what is on disk is a complete, verified store
+        assert reopened.num_steps == collector.total_steps
+        last = len(store) - 1
+        if store.in_progress(last):
+            saw_in_progress = True
+            ep = reopened[last]
+            assert not ep.terminated.any() and not ep.truncated.any()
+            assert ".partial_" in reopened._entries[last]["file"]
+            if previous is not None and previous[0] == last:
+                saw_grown = True
+                assert ep.num_steps > previous[1]
+            previous = (last, ep.num_steps)
+        for i in range(last):
+            assert not store.in_progress(i) and store[i].terminated[-1]
+    assert saw_in_progress and saw_grown
+    collector.flush()
+    assert not any(store.in_progress(i) for i in range(len(store))) and store[len(store) - 1].truncated[-1]
+
+    plain = breakout_collector(tmp_path / "plain", seed=4)
+    for _ in range(20):
+        plain.collect(15)
+    plain.flush()
+    assert _store_files(tmp_path / "live") == _store_files(tmp_path / "plain")
+
+
+def test_resume_puts_the_episode_in_progress_back_as_saved(tmp_path):
+    """A killed run may grow (or end) the stored episode in progress after its checkpoint: resuming
+    from the checkpoint rewrites it as saved, and the run goes on as if never interrupted."""
+    from diamond.loop import truncate_store
+
+    def collector(root: Path) -> Collector:
+        store = EpisodeStore(root, game="Breakout", num_actions=4) if not root.exists() else EpisodeStore(root)
+        return Collector(make_env("Breakout", 5, True, CFG), UniformPolicy(4, np.random.default_rng(5)), store,
+                         store_in_progress=True)
+
+    first = collector(tmp_path / "run")
+    first.collect(70)
+    assert first.store.in_progress(len(first.store) - 1)
+    checkpoint = {"env": first.env.unwrapped.get_state(), "episode": first.get_state(),
+                  "rng": first.policy.rng.bit_generator.state, "num_episodes": len(first.store)}
+    at_checkpoint = _store_files(tmp_path / "run")
+    first.collect(100)  # after the checkpoint: the episode in progress grows or ends, others may follow
+    assert _store_files(tmp_path / "run") != at_checkpoint
+
+    store = truncate_store(EpisodeStore(tmp_path / "run"), checkpoint["num_episodes"])
+    resumed = Collector(make_env("Breakout", 5, True, CFG), UniformPolicy(4, np.random.default_rng(0)), store,
+                        store_in_progress=True)
+    resumed.env.unwrapped.set_state(checkpoint["env"])
+    resumed.policy.rng.bit_generator.state = checkpoint["rng"]
+    resumed.set_state(checkpoint["episode"])
+    assert _store_files(tmp_path / "run") == at_checkpoint
+
+    uninterrupted = collector(tmp_path / "alone")
+    uninterrupted.collect(70)
+    for c in (resumed, uninterrupted):
+        c.collect(130)
+        c.flush()
+    assert _store_files(tmp_path / "run") == _store_files(tmp_path / "alone")
+
+
 def test_run_episodes_returns_whole_game_scores():
     class FireThenRandom:
         """Presses FIRE at the start so that Breakout's ball is launched after every life."""

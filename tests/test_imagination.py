@@ -45,13 +45,13 @@ def tiny_params() -> Params:
 def _models(params: Params) -> tuple[Denoiser, RewardEndModel]:
     torch.manual_seed(0)
     wm = params.world_model
-    return Denoiser(wm.denoiser, num_actions(GAME)).eval(), RewardEndModel(wm.reward_end, num_actions(GAME), params.env.obs_size).eval()
+    return Denoiser(wm.denoiser, num_actions(GAME)).eval(), RewardEndModel(wm.reward_end, num_actions(GAME), params.env.obs_size, output_bias=True).eval()
 
 
 def _env(params: Params, store: EpisodeStore, horizon: int, seed: int = 0, batch: int = 3) -> ImaginationEnv:
     denoiser, reward_end = _models(params)
     return ImaginationEnv(
-        DiffusionSampler(denoiser, params.world_model.sampler), reward_end,
+        DiffusionSampler(denoiser, params.world_model.sampler, quantization=params.world_model.denoiser.quantization), reward_end,
         SegmentSampler(store, np.random.default_rng(seed)), params.world_model.denoiser.num_conditioning_frames,
         batch_size=batch, horizon=horizon, device=torch.device("cpu"),
     )
@@ -59,10 +59,10 @@ def _env(params: Params, store: EpisodeStore, horizon: int, seed: int = 0, batch
 
 def _force_end(model: RewardEndModel, end: bool) -> None:
     """Make the termination head certain: always (end=True) or never end."""
-    last = model.head_end[-1]
+    last = model.head[-1]  # outputs: 3 reward logits, then 2 termination logits
     with torch.no_grad():
-        last.weight.zero_()
-        last.bias.copy_(torch.tensor([-30.0, 30.0] if end else [30.0, -30.0]))
+        last.weight[-2:].zero_()
+        last.bias[-2:].copy_(torch.tensor([-30.0, 30.0] if end else [30.0, -30.0]))
 
 
 def _is_real_frame(x: torch.Tensor, store: EpisodeStore) -> bool:

@@ -35,14 +35,19 @@ def test_heads_start_at_the_class_priors(tiny_params):
     terminated = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 1], bool)
     reward, end = class_counts(rew, terminated)
     assert reward.tolist() == [0, 8, 2] and end.tolist() == [9, 1]
-    model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=16)
+    model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=16, output_bias=True)
     model.init_heads_to_priors(reward, end)
     # Add-one smoothing: the unseen class gets a finite, small probability.
-    assert torch.allclose(model.head_rew[-1].bias.softmax(0), torch.tensor([1 / 13, 9 / 13, 3 / 13]), atol=1e-6)
-    assert torch.allclose(model.head_end[-1].bias.softmax(0), torch.tensor([10 / 12, 2 / 12]), atol=1e-6)
+    bias = model.head[-1].bias
+    assert torch.allclose(bias[:3].softmax(0), torch.tensor([1 / 13, 9 / 13, 3 / 13]), atol=1e-6)
+    assert torch.allclose(bias[3:].softmax(0), torch.tensor([10 / 12, 2 / 12]), atol=1e-6)
     assert torch.allclose(log_priors(reward).exp().sum(), torch.tensor(1.0))
-    with pytest.raises(ValueError, match="2 class counts for a head of 3 classes"):
+    with pytest.raises(ValueError, match="2 reward and 2 termination class counts"):
         model.init_heads_to_priors(end, end)
+    official = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=16)
+    assert official.head[-1].bias is None  # the official head has no output bias
+    with pytest.raises(ValueError, match="without output biases"):
+        official.init_heads_to_priors(reward, end)
 
 
 def test_forward_shapes_and_recurrence(tiny_params):

@@ -56,11 +56,24 @@ def test_recency_weights_by_quarter():
     lengths = np.full(8, 10)
     p = episode_weights(lengths)
     np.testing.assert_allclose(p, [0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.35, 0.35])
-    # Within a quarter, each step is equally likely: a longer episode is drawn more often.
-    p = episode_weights(np.array([10, 30, 10, 10, 10, 10, 10, 10]))
-    np.testing.assert_allclose(p[:2], [0.025, 0.075])
     # Fewer than 4 episodes: uniform over steps.
     np.testing.assert_allclose(episode_weights(np.array([10, 30])), [0.25, 0.75])
+    np.testing.assert_allclose(episode_weights(np.array([10, 30, 60])), [0.1, 0.3, 0.6])
+
+
+def test_recency_weights_are_per_episode_within_a_group():
+    """Official src/data/batch_sampler.py: a group's weight is split equally among its episodes,
+    whatever their lengths (steps of short episodes are drawn more often)."""
+    p = episode_weights(np.array([1, 100, 10, 10, 3, 7, 500, 2]))
+    np.testing.assert_allclose(p, [0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.35, 0.35])
+
+
+@pytest.mark.parametrize("n, sizes", [(4, [1, 1, 1, 1]), (5, [1, 1, 1, 2]), (6, [1, 1, 1, 3]), (7, [1, 1, 1, 4]),
+                                      (9, [2, 2, 2, 3]), (11, [2, 2, 2, 5])])
+def test_recency_groups_put_the_remainder_in_the_newest_group(n, sizes):
+    """Official src/data/batch_sampler.py: n//4 episodes per group, the n%4 newest ones added to the last."""
+    expected = np.concatenate([np.full(s, w / s) for w, s in zip([0.1, 0.1, 0.1, 0.7], sizes)])
+    np.testing.assert_allclose(episode_weights(np.arange(1, n + 1)), expected)
 
 
 def test_sampling_frequencies_follow_the_weights(tmp_path):
@@ -69,6 +82,16 @@ def test_sampling_frequencies_follow_the_weights(tmp_path):
     episode = (seg.obs[:, -1, 0, 0, 0].astype(int) - 1) // 10
     last_quarter = np.mean(episode >= 6)
     assert abs(last_quarter - 0.7) < 0.03
+
+
+def test_sampling_draws_short_and_long_episodes_of_a_group_equally(tmp_path):
+    """Episodes 0 (1 step) and 1 (9 steps) share the first group: each is drawn 5% of the time
+    (per-step weighting would draw episode 0 only 1% of the time)."""
+    store = numbered_store(tmp_path / "ds", [1, 9, 5, 5, 5, 5, 5, 5])
+    seg = SegmentSampler(store, np.random.default_rng(4)).sample(batch_size=8000, num_steps=1)
+    episode = (seg.obs[:, -1, 0, 0, 0].astype(int) - 1) // 10
+    assert abs(np.mean(episode == 0) - 0.05) < 0.01
+    assert abs(np.mean(episode == 1) - 0.05) < 0.01
 
 
 def test_sampler_sees_a_growing_store_and_is_seeded(tmp_path):

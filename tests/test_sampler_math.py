@@ -23,7 +23,7 @@ from diamond.sampler import (
 def sampler_cfg(**kw) -> SamplerConfig:
     base = dict(
         num_steps=3, sigma_min=2e-3, sigma_max=5.0, rho=7.0, order=1,
-        s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, quantize=True,
+        s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0, quantize=True, initial_noise="unit",
     )
     base.update(kw)
     return SamplerConfig(**base)
@@ -140,10 +140,86 @@ def test_diffusion_sampler_returns_quantized_estimate(order):
     target = torch.full((1, 3, 8, 8), 0.1234)
     den = PointDenoiser(target)
     cfg = sampler_cfg(order=order)
-    out = DiffusionSampler(den, cfg).sample(torch.zeros(2, 4, 3, 8, 8), torch.zeros(2, 4, dtype=torch.long))
+    out = DiffusionSampler(den, cfg, quantization="nearest").sample(torch.zeros(2, 4, 3, 8, 8), torch.zeros(2, 4, dtype=torch.long))
     assert out.shape == (2, 3, 8, 8)
     assert torch.allclose(out, quantize_8bit(target).expand(2, -1, -1, -1), atol=1e-6)
     assert den.sigmas[0] == pytest.approx(5.0)
     assert len(den.sigmas) == (3 if order == 1 else 5)  # Heun: 2 evaluations per step except the last
-    unq = DiffusionSampler(PointDenoiser(target), dataclasses.replace(cfg, quantize=False))
+    unq = DiffusionSampler(PointDenoiser(target), dataclasses.replace(cfg, quantize=False), quantization="nearest")
     assert torch.allclose(unq.sample(torch.zeros(1, 4, 3, 8, 8), torch.zeros(1, 4, dtype=torch.long)), target)
+
+
+def data_levels() -> torch.Tensor:
+    """The 256 uint8 levels as the data reach the models (diamond.data.Segment.to_torch)."""
+    return torch.arange(256, dtype=torch.uint8).float().div_(127.5).sub_(1.0)
+
+
+def official_quantize(x: torch.Tensor) -> torch.Tensor:
+    """The official wrap_model_output's quantization (src/models/diffusion/denoiser.py)."""
+    return x.clamp(-1, 1).add(1).div(2).mul(255).byte().div(255).mul(2).sub(1)
+
+
+def test_truncate_is_the_official_byte_cast_and_rounds_some_levels_down():
+    levels = data_levels()
+    trunc, near = quantize_8bit(levels, "truncate"), quantize_8bit(levels, "nearest")
+    assert torch.equal(trunc, official_quantize(levels))  # bit for bit in float32
+    assert torch.equal(near, levels)  # exact levels stay where they are
+    # Even an exact estimate of 63 of the 256 levels comes out one level low (never more, never high).
+    steps = ((trunc - levels) * 127.5).round()
+    assert int((steps == -1).sum()) == 63
+    assert int((steps == 0).sum()) == 256 - 63
+    # Anywhere in (and beyond) [-1, 1], truncation is the official arithmetic, and rounds down:
+    # it is at most one level below the nearest level, never above it.
+    x = torch.cat([torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 2.4 - 1.2, levels])
+    t, n = quantize_8bit(x, "truncate"), quantize_8bit(x, "nearest")
+    assert torch.equal(t, official_quantize(x))
+    diff = ((n - t) * 127.5).round()
+    assert set(diff.unique().tolist()) == {0.0, 1.0}
+    with pytest.raises(ValueError, match="quantization"):
+        quantize_8bit(x, "floor")
+
+
+@pytest.mark.parametrize("mode", ["nearest", "truncate"])
+def test_sampler_quantizes_with_the_given_rule(mode):
+    # A level that truncation puts one below: the sampler's output shows which rule it used.
+    levels = data_levels()
+    low = torch.nonzero(official_quantize(levels) != levels)[0].item()
+    target = levels[low].reshape(1, 1, 1, 1).expand(1, 3, 4, 4)
+    out = DiffusionSampler(PointDenoiser(target), sampler_cfg(), quantization=mode).sample(
+        torch.zeros(1, 4, 3, 4, 4), torch.zeros(1, 4, dtype=torch.long)
+    )
+    expected = official_quantize(target) if mode == "truncate" else target
+    assert torch.equal(out, expected)
+    assert torch.equal(out, target) == (mode == "nearest")
+
+
+class FirstInputDenoiser:
+    """Records the noisy input of its first call (the sampler's initial x) and predicts zeros."""
+
+    def __init__(self) -> None:
+        self.first = None
+
+    def denoise(self, noisy, sigma, prev_obs, prev_act):
+        if self.first is None:
+            self.first = noisy.clone()
+        return torch.zeros_like(noisy)
+
+
+def test_initial_noise_unit_or_sigma_max():
+    prev_obs, prev_act = torch.zeros(64, 4, 3, 32, 32), torch.zeros(64, 4, dtype=torch.long)
+    starts = {}
+    for mode in ("unit", "sigma_max"):
+        den = FirstInputDenoiser()
+        DiffusionSampler(den, sampler_cfg(initial_noise=mode), quantization="nearest").sample(
+            prev_obs, prev_act, generator=torch.Generator().manual_seed(0)
+        )
+        starts[mode] = den.first
+    # The official sampler starts from N(0, I) (src/models/diffusion/diffusion_sampler.py); EDM
+    # from sigma_max * N(0, I). Same draws, scaled by sigma_max = 5.
+    assert starts["unit"].std().item() == pytest.approx(1.0, abs=0.02)
+    assert starts["sigma_max"].std().item() == pytest.approx(5.0, abs=0.1)
+    assert torch.equal(starts["sigma_max"], starts["unit"] * 5.0)
+    with pytest.raises(ValueError, match="initial_noise"):
+        DiffusionSampler(FirstInputDenoiser(), sampler_cfg(initial_noise="zero"), quantization="nearest")
+    with pytest.raises(ValueError, match="quantization"):
+        DiffusionSampler(FirstInputDenoiser(), sampler_cfg(), quantization="round")

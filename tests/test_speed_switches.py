@@ -25,7 +25,7 @@ def conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
 
 def assert_train_alike(reference: Denoiser, other: Denoiser, trainers: list[Trainer], steps: int) -> None:
     """Train both on the same data and noise; losses agree to rounding at every step, weights after."""
-    n = reference.cfg.num_conditioning_frames
+    n = reference.cfg.training_segment_steps
     for step in range(steps):
         seg = random_segment(4, n, size=16, seed=step).to_torch()
         losses = []
@@ -86,7 +86,7 @@ def test_compiled_denoiser_trains_and_samples_like_eager(tiny_params):
     frames = []
     for model in (eager, compiled):
         model.eval()
-        sampler = DiffusionSampler(model, tiny_params.world_model.sampler)
+        sampler = DiffusionSampler(model, tiny_params.world_model.sampler, quantization=model.cfg.quantization)
         with torch.no_grad():
             frames.append(sampler.sample(seg.obs[:, :n], seg.act, generator=torch.Generator().manual_seed(3)))
     # 8-bit quantised frames: rounding may flip a value by one level (2/255) at most.

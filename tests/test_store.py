@@ -135,3 +135,51 @@ def test_copy_to(tmp_path):
     with pytest.raises(ArtifactError, match="destination exists and is not empty"):
         store.copy_to(tmp_path / "out" / "copy")
     assert len(store.copy_to(tmp_path / "out" / "copy", overwrite=True)) == 3
+
+
+def test_replace_the_episode_in_progress(tmp_path):
+    """The episode in progress is stored under a name with its step count and replaced as it grows
+    (official src/coroutines/collector.py); it takes its plain name once it ends."""
+    store, episodes = fill(tmp_path / "ds")
+    rng = np.random.default_rng(1)
+    grown = make_episode(rng, 9)
+    grown.terminated[:] = False
+    part = Episode(obs=grown.obs[:5].copy(), act=grown.act[:4].copy(), rew=grown.rew[:4].copy(),
+                   terminated=grown.terminated[:4].copy(), truncated=grown.truncated[:4].copy())
+    index = store.append(part, in_progress=True)
+    assert store.in_progress(index) and not store.in_progress(0)
+    assert list(store.lengths) == [5, 1, 12, 4] and store.num_steps == 22
+    assert (tmp_path / "ds" / "episode_000003.partial_000004.npz").exists()
+    store.replace(index, grown, in_progress=True)
+    assert list(store.lengths) == [5, 1, 12, 9]  # the lengths the sampler reads follow the replacement
+    names = sorted(p.name for p in (tmp_path / "ds").iterdir())
+    assert names == ["episode_000000.npz", "episode_000001.npz", "episode_000002.npz",
+                     "episode_000003.partial_000009.npz", "manifest.json"]
+    assert_same(EpisodeStore(tmp_path / "ds")[3], grown)
+    grown.truncated[-1] = True
+    store.replace(index, grown)
+    assert not store.in_progress(index)
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir())[3] == "episode_000003.npz"
+    assert_same(EpisodeStore(tmp_path / "ds")[3], grown)
+    with pytest.raises(IndexError):
+        store.replace(4, grown)
+
+
+def test_replace_killed_before_the_manifest_leaves_the_previous_store(tmp_path, monkeypatch):
+    store, episodes = fill(tmp_path / "ds")
+    ep = make_episode(np.random.default_rng(2), 3)
+    ep.terminated[:] = False
+    store.append(ep, in_progress=True)
+    longer = make_episode(np.random.default_rng(3), 6)
+    longer.terminated[:] = False
+
+    def killed(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(EpisodeStore, "_write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.replace(3, longer, in_progress=True)
+    monkeypatch.undo()
+    reopened = EpisodeStore(tmp_path / "ds")  # verified: sizes and hashes match the manifest
+    assert list(reopened.lengths) == [5, 1, 12, 3]
+    assert_same(reopened[3], ep)

@@ -65,6 +65,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     saved = _kill_after_checkpoint_with_newer_episodes(
         stage_args("train_agent", params, tmp_path, **paths), tmp_path, stage_env(tmp_path), paths["state_dir"])
     assert not paths["out_checkpoint"].exists()  # outputs appear only on completion
+    # The checkpoint had an episode in progress in the dataset (official src/coroutines/collector.py),
+    # which the killed run then grew or ended: the resume must put it back as it was.
+    assert load_torch(paths["state_dir"] / "state.pt")["collection"]["episode"]["stored_index"] == saved - 1
     done = run_stage("train_agent", params, tmp_path, **paths)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout

@@ -107,7 +107,7 @@ def test_denoiser_beats_repeat_last_frame(boxing):
 
     untrained = one_step()
     for _ in range(DENOISER_STEPS):
-        loss, _ = wm.denoiser.compute_loss(segments.sample(BATCH, L).to_torch("cpu"))
+        loss, _ = wm.denoiser.compute_loss(segments.sample(BATCH, p.world_model.denoiser.training_segment_steps).to_torch("cpu"))
         wm.denoiser_trainer.step(loss)
     trained = one_step()
     print(f"one-step MSE untrained {untrained['mse']:.6f}, after {DENOISER_STEPS} steps {trained['mse']:.6f}, "

@@ -13,8 +13,10 @@ class Episode:
 
     obs[t] is the frame seen before act[t]; obs[T] is the frame after the last step, so there are
     T + 1 frames. rew is the raw game reward (the models take its sign). An episode that ended on
-    a life loss in training has terminated[-1] True; one cut by the frame limit, or stored before
-    it ended, has truncated[-1] True.
+    a life loss in training has terminated[-1] True; one cut by the frame limit, or cut where
+    collection stopped, has truncated[-1] True. The episode still in progress while training
+    collects (official src/coroutines/collector.py stores it at every collection call) has
+    neither: it has not ended, and nothing may learn an end there.
     """
 
     obs: np.ndarray  # uint8 (T+1, 3, H, W)

@@ -1,11 +1,13 @@
-"""Segments of consecutive steps for training, with recency weights (DESIGN 3.1).
+"""Segments of consecutive steps for training, with recency weights (official src/data/batch_sampler.py).
 
-Episodes are split into 4 chronological quarters (by episode index) sampled with weights
-0.1, 0.1, 0.1, 0.7, so recent data (from the current policy) dominates; within a quarter every
-step is equally likely to end a segment. Until the store holds 4 episodes every step is equally
-likely. A segment of L steps ends at the chosen step e and covers steps e-L+1..e and frames
-e-L+1..e+1; positions before the episode start are zero-padded and masked, so the last step and
-its next frame are always real.
+As the official code does: episodes are split into 4 chronological groups (by
+episode index) of n//4 episodes each, the remainder n%4 going to the last (newest) group; the
+groups are drawn with weights 0.1, 0.1, 0.1, 0.7, so recent data (from the current policy)
+dominates; within a group every episode is equally likely, whatever its length, and then a step
+uniformly within the episode (so steps of short episodes are drawn more often). Until the store
+holds 4 episodes every step is equally likely. A segment of L steps ends at the chosen step e and
+covers steps e-L+1..e and frames e-L+1..e+1; positions before the episode start are zero-padded
+and masked, so the last step and its next frame are always real.
 """
 
 from __future__ import annotations
@@ -39,16 +41,19 @@ class Segment:
 
 
 def episode_weights(lengths: np.ndarray, weights: tuple[float, ...] = RECENCY_WEIGHTS) -> np.ndarray:
-    """Probability of each step, summed per episode: a quarter's weight spread over its steps."""
-    n = len(lengths)
-    lengths = lengths.astype(np.float64)
-    if n < len(weights):
+    """Probability of drawing each episode (official src/data/batch_sampler.py).
+
+    With k = len(weights) and n >= k episodes: k chronological groups of n//k episodes, the last
+    also taking the n%k remaining (newest) ones; group g has weight weights[g], split equally
+    among its episodes. With fewer than k episodes: proportional to episode length (every step
+    equally likely).
+    """
+    n, k = len(lengths), len(weights)
+    if n < k:
+        lengths = lengths.astype(np.float64)
         return lengths / lengths.sum()
-    edges = [n * k // len(weights) for k in range(len(weights) + 1)]
-    p = np.empty(n)
-    for q, w in enumerate(weights):
-        part = slice(edges[q], edges[q + 1])
-        p[part] = w * lengths[part] / lengths[part].sum()
+    sizes = [n // k] * (k - 1) + [n // k + n % k]
+    p = np.concatenate([np.full(size, w / size) for w, size in zip(weights, sizes)])
     return p / p.sum()
 
 

@@ -3,12 +3,19 @@
 Layout of a store directory:
     manifest.json           game, num_actions, and per episode: file name, steps, size, sha256
     episode_000000.npz ...  one compressed npz per episode (readable with numpy.load)
+    episode_000007.partial_000450.npz
+                            the episode still in progress, stored at 450 steps (only while
+                            training collects: official src/coroutines/collector.py writes the
+                            current episode into the dataset at every collection call and
+                            replaces it as it grows); it takes its plain name once it ends
 
 The episode files are written byte-for-byte reproducibly (fixed zip timestamps and attributes),
 so the same data give the same files and the same DVC hashes. Every write goes to a temporary
 file that is renamed into place, the episode before the manifest that lists it, so a killed
-process leaves the previous complete store. Opening a store checks every listed file against
-its size and sha256, so a truncated or corrupted file is an `ArtifactError` naming that file.
+process leaves the previous complete store. Replacing an episode writes it under a new name (its
+step count is in the name), then the manifest, then removes the old file, so the listed file is
+never overwritten. Opening a store checks every listed file against its size and sha256, so a
+truncated or corrupted file is an `ArtifactError` naming that file.
 """
 
 from __future__ import annotations
@@ -114,23 +121,52 @@ class EpisodeStore:
             "episodes": self._entries,
         })
 
-    def append(self, ep: Episode) -> int:
-        """Store one episode (file first, then manifest, both atomic); return its index."""
-        ep.check()
-        if ep.act.size and (ep.act.min() < 0 or ep.act.max() >= self.num_actions):
-            raise ValueError(f"Episode.act: actions must be in 0..{self.num_actions - 1}, got {ep.act.min()}..{ep.act.max()}")
+    def append(self, ep: Episode, in_progress: bool = False) -> int:
+        """Store one episode (file first, then manifest, both atomic); return its index.
+
+        `in_progress`: the episode has not ended yet and will be `replace`d as it grows.
+        """
         index = len(self._entries)
-        name = f"episode_{index:06d}.npz"
-        data = encode_episode(ep)
-        atomic_write_bytes(self.root / name, data)
-        self._entries.append({"file": name, "num_steps": ep.num_steps, "bytes": len(data),
-                              "sha256": hashlib.sha256(data).hexdigest()})
+        self._entries.append(self._write_episode(index, ep, in_progress))
         self._write_manifest()
         self._cache[index] = ep
         return index
 
+    def replace(self, index: int, ep: Episode, in_progress: bool = False) -> None:
+        """Store `ep` in place of episode `index` (the episode in progress, grown or ended).
+
+        The new file gets its own name, the manifest then lists it, then the old file goes: a
+        killed process leaves either the old or the new episode listed, each complete.
+        """
+        if not 0 <= index < len(self._entries):
+            raise IndexError(f"episode {index} out of range 0..{len(self._entries) - 1}")
+        old = self._entries[index]["file"]
+        self._entries[index] = self._write_episode(index, ep, in_progress)
+        self._write_manifest()
+        if old != self._entries[index]["file"]:
+            (self.root / old).unlink(missing_ok=True)
+        self._pending.pop(index, None)
+        self._cache[index] = ep
+        if len(self._lengths) == len(self._entries):
+            self._lengths = self._lengths.copy()
+            self._lengths[index] = ep.num_steps
+
+    def _write_episode(self, index: int, ep: Episode, in_progress: bool) -> dict:
+        """Write the episode's file (atomic) and return its manifest entry."""
+        ep.check()
+        if ep.act.size and (ep.act.min() < 0 or ep.act.max() >= self.num_actions):
+            raise ValueError(f"Episode.act: actions must be in 0..{self.num_actions - 1}, got {ep.act.min()}..{ep.act.max()}")
+        name = f"episode_{index:06d}.partial_{ep.num_steps:06d}.npz" if in_progress else f"episode_{index:06d}.npz"
+        data = encode_episode(ep)
+        atomic_write_bytes(self.root / name, data)
+        return {"file": name, "num_steps": ep.num_steps, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
     def __len__(self) -> int:
         return len(self._entries)
+
+    def in_progress(self, index: int) -> bool:
+        """Whether episode `index` was stored before it ended, to be replaced as it grows."""
+        return ".partial_" in self._entries[index]["file"]
 
     def __getitem__(self, index: int) -> Episode:
         if index < 0:

@@ -1,4 +1,9 @@
-"""Actor-critic network (DESIGN 3.4): conv encoder, LSTMCell, zero-initialised policy and value heads."""
+"""Actor-critic network (paper section 3; official src/models/actor_critic.py).
+
+Encoder: an input conv, then per level a small residual block (GroupNorm, SiLU, conv3x3, plus a
+skip) and a 2x2 max-pool; then an LSTMCell with the official initialisation and zero-initialised
+policy and value heads (so the untrained policy is uniform and its value 0).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import torch
 from torch import nn
 
 from diamond.config import ActorCriticConfig, ConfigError
+from diamond.models.blocks import SmallResBlock, init_lstm
 
 HiddenState = tuple[torch.Tensor, torch.Tensor]
 
@@ -17,24 +23,22 @@ class ActorCritic(nn.Module):
         super().__init__()
         if num_actions < 2:
             raise ConfigError(f"actor-critic: num_actions={num_actions}; a game has at least 2 actions")
-        if obs_size % (2 ** len(cfg.channels)) != 0:
+        if not cfg.channels or obs_size % (2 ** len(cfg.channels)) != 0:
             raise ConfigError(
                 f"actor_critic.channels: {len(cfg.channels)} max-pool levels do not divide obs_size={obs_size}"
             )
         self.num_actions = num_actions
         self.lstm_dim = cfg.lstm_dim
-        layers: list[nn.Module] = []
-        in_ch = 3
-        for ch in cfg.channels:
+        layers: list[nn.Module] = [nn.Conv2d(3, cfg.channels[0], 3, padding=1)]
+        for i, ch in enumerate(cfg.channels):
             # Each level halves the resolution: 64 -> 4 after the paper's 4 levels.
-            layers += [nn.Conv2d(in_ch, ch, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2)]
-            in_ch = ch
-        self.encoder = nn.Sequential(*layers, nn.Flatten())
+            layers += [SmallResBlock(cfg.channels[max(0, i - 1)], ch, cfg.num_groups_channels), nn.MaxPool2d(2)]
+        self.encoder = nn.Sequential(*layers)
         side = obs_size // (2 ** len(cfg.channels))
-        self.lstm = nn.LSTMCell(in_ch * side * side, cfg.lstm_dim)
+        self.lstm = nn.LSTMCell(cfg.channels[-1] * side * side, cfg.lstm_dim)
+        init_lstm(self.lstm)
         self.actor = nn.Linear(cfg.lstm_dim, num_actions)
         self.critic = nn.Linear(cfg.lstm_dim, 1)
-        # Zero heads: the untrained policy is uniform and the untrained value is 0.
         for head in (self.actor, self.critic):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
@@ -45,7 +49,7 @@ class ActorCritic(nn.Module):
 
     def forward(self, obs: torch.Tensor, hx_cx: HiddenState) -> tuple[torch.Tensor, torch.Tensor, HiddenState]:
         """obs float (B, 3, H, W) in [-1, 1] -> logits (B, A), value (B,), new (hx, cx)."""
-        hx, cx = self.lstm(self.encoder(obs), hx_cx)
+        hx, cx = self.lstm(self.encoder(obs).flatten(1), hx_cx)
         return self.actor(hx), self.critic(hx).squeeze(-1), (hx, cx)
 
     def burn_in(self, obs: torch.Tensor, mask: torch.Tensor | None = None) -> HiddenState:

@@ -14,7 +14,8 @@ both (DESIGN's EDM-vs-DDPM ablation):
   denoiser are DDIM steps. No offset noise (it is part of DIAMOND's EDM recipe).
 
 In both, the training target of F is (x0 - c_skip * x_noisy) / c_out and the loss is its MSE,
-masked where the target frame is padding.
+masked where the target frame is padding, averaged over `num_autoregressive_steps` + 1 targets
+per segment, later ones conditioned on D's own 8-bit estimates (`compute_loss`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from diamond.config import ConfigError, DenoiserConfig
 from diamond.models.blocks import FourierFeatures
 from diamond.models.unet import UNet
+from diamond.sampler import quantize_8bit
 
 # DDPM's linear beta schedule (Ho et al. 2020); only the DDPM ablation reads these.
 DDPM_BETA_START = 1e-4
@@ -141,29 +143,51 @@ class Denoiser(nn.Module):
         return self.ddpm_sigmas.to(device)[t].float()
 
     def compute_loss(self, seg: SegmentLike) -> tuple[Tensor, dict[str, float]]:
-        """Masked denoising loss on every frame of the segment that has L frames before it."""
-        L = self.cfg.num_conditioning_frames
-        n = seg.act.shape[1]
-        if n < L:
-            raise ValueError(f"denoiser needs segments of at least {L} steps, got {n}")
-        # Windows of L+1 frames (L conditioning frames and the target), flattened into the batch.
-        obs = seg.obs.unfold(1, L + 1, 1).permute(0, 1, 5, 2, 3, 4).flatten(0, 1)  # (B', L+1, 3, H, W)
-        act = seg.act.unfold(1, L, 1)[:, : n - L + 1].flatten(0, 1)  # (B', L)
-        mask = seg.mask.unfold(1, L + 1, 1).flatten(0, 1)  # (B', L+1)
-        # Padding before the episode start becomes zeros, as in imagination from a short history.
-        prev_obs = obs[:, :L] * mask[:, :L, None, None, None]
-        target_obs = obs[:, L]
-        weight = mask[:, L].float()
+        """Masked denoising loss, trained autoregressively over k = num_autoregressive_steps.
 
-        b = target_obs.shape[0]
-        sigma = self.sample_training_sigma(b, target_obs.device)
-        noise = torch.randn_like(target_obs) * sigma[:, None, None, None]
-        if self.cfg.formulation == "edm":
-            noise = noise + self.cfg.sigma_offset_noise * torch.randn(b, 3, 1, 1, device=target_obs.device)
-        x_noisy = target_obs + noise
-        c_in, c_out, c_skip, c_noise = (c[:, None, None, None] for c in self.conditioners(sigma))
-        out = self.network(c_in * x_noisy, c_noise.flatten(), prev_obs, act).float()
-        target = (target_obs - c_skip * x_noisy) / c_out
-        per_sample = F.mse_loss(out, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * weight).sum() / weight.sum().clamp(min=1)
+        Every window of L + 1 + k consecutive frames of the segment (one window for segments of
+        `cfg.training_segment_steps` steps) gives k + 1 targets, frames L..L+k. Target i is
+        denoised from the L frames before it, in which every earlier target (frames L..L+i-1) is
+        replaced by D's own one-shot estimate of it: c_skip x + c_out F at that step's noise,
+        detached, clamped and quantized to 8 bits (`quantization`). Each step draws its own
+        sigma and noise. The loss is the mean over the k + 1 steps of each step's masked loss,
+        as in the official denoiser's forward (src/models/diffusion/denoiser.py); k = 0 is plain
+        teacher forcing.
+        """
+        L = self.cfg.num_conditioning_frames
+        k = self.cfg.num_autoregressive_steps
+        n = seg.act.shape[1]
+        if n < L + k:
+            raise ValueError(
+                f"denoiser needs segments of at least {L + k} steps "
+                f"({L} conditioning + {k} autoregressive), got {n}"
+            )
+        # Windows of L+1+k frames (L conditioning frames and k+1 targets), flattened into the batch.
+        obs = seg.obs.unfold(1, L + 1 + k, 1).permute(0, 1, 5, 2, 3, 4).flatten(0, 1)  # (B', L+1+k, 3, H, W)
+        act = seg.act.unfold(1, L + k, 1)[:, : n - L - k + 1].flatten(0, 1)  # (B', L+k)
+        mask = seg.mask.unfold(1, L + 1 + k, 1).flatten(0, 1)  # (B', L+1+k)
+        # The frames the contexts read; targets are overwritten by D's estimates as it goes.
+        frames = obs.clone() if k > 0 else obs
+        losses = []
+        for i in range(k + 1):
+            # Padding before the episode start becomes zeros, as in imagination from a short history.
+            prev_obs = frames[:, i : i + L] * mask[:, i : i + L, None, None, None]
+            target_obs = obs[:, L + i]
+            weight = mask[:, L + i].float()
+
+            b = target_obs.shape[0]
+            sigma = self.sample_training_sigma(b, target_obs.device)
+            noise = torch.randn_like(target_obs) * sigma[:, None, None, None]
+            if self.cfg.formulation == "edm":
+                noise = noise + self.cfg.sigma_offset_noise * torch.randn(b, 3, 1, 1, device=target_obs.device)
+            x_noisy = target_obs + noise
+            c_in, c_out, c_skip, c_noise = (c[:, None, None, None] for c in self.conditioners(sigma))
+            out = self.network(c_in * x_noisy, c_noise.flatten(), prev_obs, act[:, i : i + L]).float()
+            target = (target_obs - c_skip * x_noisy) / c_out
+            per_sample = F.mse_loss(out, target, reduction="none").mean(dim=(1, 2, 3))
+            losses.append((per_sample * weight).sum() / weight.sum().clamp(min=1))
+            if i < k:
+                with torch.no_grad():
+                    frames[:, L + i] = quantize_8bit(c_skip * x_noisy + c_out * out.detach(), self.cfg.quantization)
+        loss = losses[0] if k == 0 else torch.stack(losses).mean()
         return loss, {"loss": loss.item()}

@@ -1,9 +1,9 @@
-"""Reward/termination model R (DESIGN 3.3).
+"""Reward/termination model R (paper section 3; official src/models/rew_end_model.py).
 
 A conv encoder of the pair (frame t, frame t+1), built of the same conditional residual blocks as
-the U-Net but conditioned on the action a_t, then an LSTM over time and two heads: the sign of the
-reward ({-1, 0, +1} as classes {0, 1, 2}) and termination ({no, yes}). Cross-entropy losses,
-masked on padding before the episode start.
+the U-Net but conditioned on the action a_t, then an LSTM over time and one head whose outputs
+are the sign of the reward ({-1, 0, +1} as classes {0, 1, 2}) and termination ({no, yes}).
+Cross-entropy losses, masked on padding before the episode start.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diamond.config import ConfigError, RewardEndConfig
-from diamond.models.blocks import Downsample, ResBlocks, num_groups
+from diamond.models.blocks import Downsample, ResBlocks, init_lstm
 from diamond.models.denoiser import SegmentLike
 
 NUM_REWARD_CLASSES = 3
@@ -39,8 +39,41 @@ def log_priors(counts: np.ndarray) -> Tensor:
     return torch.from_numpy(np.log(smoothed / smoothed.sum())).float()
 
 
+class RewardEndEncoder(nn.Module):
+    """Conv encoder of (frame t, frame t+1) conditioned on a_t: input conv, levels of conditional
+    residual blocks (stride-2 downsampling before every level but the first), then a middle
+    block of two residual blocks with self-attention (official src/models/rew_end_model.py)."""
+
+    def __init__(self, cfg: RewardEndConfig) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(6, cfg.channels[0], 3, padding=1)
+        g = cfg.num_groups_channels
+        blocks = []
+        for i, (c, d) in enumerate(zip(cfg.channels, cfg.depths)):
+            above = cfg.channels[max(0, i - 1)]
+            blocks.append(ResBlocks([above] + [c] * (d - 1), [c] * d, cfg.cond_channels, g, attention=False))
+        width = cfg.channels[-1]
+        blocks.append(ResBlocks([width] * 2, [width] * 2, cfg.cond_channels, g, attention=True))
+        self.blocks = nn.ModuleList(blocks)
+        # Identities keep the official module indices (and so its state-dict keys).
+        self.downsamples = nn.ModuleList([nn.Identity()] + [Downsample(c) for c in cfg.channels[:-1]] + [nn.Identity()])
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        x = self.conv_in(x)
+        for blocks, down in zip(self.blocks, self.downsamples):
+            x, _ = blocks(down(x), cond)
+        return x
+
+
 class RewardEndModel(nn.Module):
-    def __init__(self, cfg: RewardEndConfig, num_actions: int, obs_size: int) -> None:
+    """R: encoder, LSTM over time, one shared head whose 5 outputs are the 3 reward-sign logits
+    and the 2 termination logits (official layout: Linear-SiLU-Linear, the last without bias).
+
+    `output_bias` adds a bias to the last layer: only for `reward_end_prior_init` (not in the
+    official code), which starts those biases at the dataset's log class frequencies.
+    """
+
+    def __init__(self, cfg: RewardEndConfig, num_actions: int, obs_size: int, output_bias: bool = False) -> None:
         super().__init__()
         if not cfg.channels or len(cfg.channels) != len(cfg.depths) or min(cfg.depths) < 1:
             raise ConfigError(
@@ -55,51 +88,37 @@ class RewardEndModel(nn.Module):
             )
         self.cfg = cfg
         self.num_actions = num_actions
+        self.encoder = RewardEndEncoder(cfg)
         self.act_emb = nn.Embedding(num_actions, cfg.cond_channels)
-        self.conv_in = nn.Conv2d(6, cfg.channels[0], 3, padding=1)
-        self.levels = nn.ModuleList()
-        self.downsamples = nn.ModuleList()
-        width = cfg.channels[0]
-        for i, (c, d) in enumerate(zip(cfg.channels, cfg.depths)):
-            self.levels.append(ResBlocks([width] + [c] * (d - 1), c, cfg.cond_channels, cfg.num_groups_channels, False))
-            width = c
-            if i < len(cfg.channels) - 1:
-                self.downsamples.append(Downsample(c))
-        self.norm_out = nn.GroupNorm(num_groups(width, cfg.num_groups_channels), width)
-        # The LSTM reads the encoder's own output map (8x8 for the paper's 4 levels on 64x64), as
-        # the official code does. Resizing a smaller map up to 8x8 (tried: 4x4 at 32x32 frames)
-        # only repeats features, and delayed R's first reward predictions on Assault from ~2,000
-        # to ~4,000 steps (same data, init and batches).
+        # The LSTM reads the encoder's own output map (8x8 for the paper's 4 levels on 64x64).
         out_side = obs_size // downsampling
-        self.lstm = nn.LSTM(width * out_side**2, cfg.lstm_dim, batch_first=True)
-        self.head_rew = self._head(cfg.lstm_dim, NUM_REWARD_CLASSES)
-        self.head_end = self._head(cfg.lstm_dim, NUM_END_CLASSES)
-
-    @staticmethod
-    def _head(dim: int, classes: int) -> nn.Sequential:
-        return nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, classes))
+        self.lstm = nn.LSTM(cfg.channels[-1] * out_side**2, cfg.lstm_dim, batch_first=True)
+        init_lstm(self.lstm)
+        self.head = nn.Sequential(
+            nn.Linear(cfg.lstm_dim, cfg.lstm_dim),
+            nn.SiLU(),
+            nn.Linear(cfg.lstm_dim, NUM_REWARD_CLASSES + NUM_END_CLASSES, bias=output_bias),
+        )
 
     @torch.no_grad()
     def init_heads_to_priors(self, reward_counts: np.ndarray, end_counts: np.ndarray) -> None:
-        """Output biases of both heads := log class frequencies, so that R starts at the prior
-        instead of first fitting it (WorldModelConfig.reward_end_prior_init)."""
-        for head, counts in ((self.head_rew, reward_counts), (self.head_end, end_counts)):
-            bias = head[-1].bias
-            if len(counts) != bias.numel():
-                raise ValueError(f"init_heads_to_priors: {len(counts)} class counts for a head of {bias.numel()} classes")
-            bias.copy_(log_priors(counts).to(bias.device))
+        """Output biases := log class frequencies, so that R starts at the prior instead of first
+        fitting it (WorldModelConfig.reward_end_prior_init)."""
+        bias = self.head[-1].bias
+        if bias is None:
+            raise ValueError("init_heads_to_priors: R was built without output biases (output_bias=False)")
+        if len(reward_counts) != NUM_REWARD_CLASSES or len(end_counts) != NUM_END_CLASSES:
+            raise ValueError(
+                f"init_heads_to_priors: {len(reward_counts)} reward and {len(end_counts)} termination class counts, "
+                f"need {NUM_REWARD_CLASSES} and {NUM_END_CLASSES}"
+            )
+        bias.copy_(torch.cat([log_priors(reward_counts), log_priors(end_counts)]).to(bias.device))
 
     def encode(self, obs: Tensor, act: Tensor, next_obs: Tensor) -> Tensor:
         """(B, T, 3, H, W) x2 and (B, T) -> (B, T, features)."""
         b, t = act.shape
         x = torch.cat([obs, next_obs], dim=2).flatten(0, 1)
-        cond = self.act_emb(act.flatten())
-        x = self.conv_in(x)
-        for i, blocks in enumerate(self.levels):
-            x, _ = blocks(x, cond)
-            if i < len(self.downsamples):
-                x = self.downsamples[i](x)
-        x = F.silu(self.norm_out(x))
+        x = self.encoder(x, self.act_emb(act.flatten()))
         return x.reshape(b, t, -1)
 
     def forward(
@@ -110,9 +129,9 @@ class RewardEndModel(nn.Module):
         hx_cx: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         """-> (reward logits (B, T, 3), termination logits (B, T, 2), LSTM state)."""
-        features = self.encode(obs, act, next_obs)
-        h, hx_cx = self.lstm(features, hx_cx)
-        return self.head_rew(h), self.head_end(h), hx_cx
+        h, hx_cx = self.lstm(self.encode(obs, act, next_obs), hx_cx)
+        logits = self.head(h)
+        return logits[..., :NUM_REWARD_CLASSES], logits[..., NUM_REWARD_CLASSES:], hx_cx
 
     def compute_loss(self, seg: SegmentLike) -> tuple[Tensor, dict[str, float]]:
         """Cross-entropy on sign(reward) and termination for every real step of the segment."""

@@ -1,18 +1,21 @@
-"""The denoiser's network F: a conditional U-Net (DESIGN 3.2).
+"""The denoiser's network F: input conv, conditional U-Net, output conv (paper section 3 and
+Appendix C; official src/models/diffusion/inner_model.py and src/models/blocks.py `UNet`).
 
-Levels of residual blocks at decreasing resolution (stride-2 conv down, nearest-neighbour up),
-a middle block of two residual blocks with self-attention, and skip connections from every
-encoder activation (the input conv's output, each block's output, each downsampled map) to
-the decoder, whose levels therefore hold one block more than the encoder's.
+Level i first downsamples (stride-2 conv; none at level 0), then runs its residual blocks. The
+decoder mirrors it: each decoder level reads the encoder level's activations in reverse order
+(its block outputs, then the map it started from) one per block, so it holds one block more than
+the encoder level, and its last block returns to the width of the level above. A middle block of
+two residual blocks with self-attention sits at the bottom. The module tree is the official one,
+so official weights load by renaming keys (`diamond/official.py`).
 """
 
 from __future__ import annotations
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diamond.config import ConfigError
-from diamond.models.blocks import Downsample, ResBlocks, Upsample, num_groups
+from diamond.models.blocks import Downsample, ResBlocks, Upsample, group_norm
 
 
 class UNet(nn.Module):
@@ -37,53 +40,35 @@ class UNet(nn.Module):
         self.num_levels = len(channels)
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
 
-        skip_channels = [channels[0]]  # widths of the activations the decoder will read, in order
-        self.down_blocks = nn.ModuleList()
-        self.downsamples = nn.ModuleList()
-        width = channels[0]
+        down_blocks, up_blocks = [], []
         for i, (c, d, attn) in enumerate(zip(channels, depths, attention)):
-            self.down_blocks.append(ResBlocks([width] + [c] * (d - 1), c, cond_channels, group_channels, attn))
-            width = c
-            skip_channels += [c] * d
-            if i < self.num_levels - 1:
-                self.downsamples.append(Downsample(c))
-                skip_channels.append(c)
+            above = channels[max(0, i - 1)]
+            down_blocks.append(ResBlocks([above] + [c] * (d - 1), [c] * d, cond_channels, group_channels, attn))
+            up_blocks.append(ResBlocks([2 * c] * d + [above + c], [c] * d + [above], cond_channels, group_channels, attn))
+        self.down_blocks = nn.ModuleList(down_blocks)
+        self.up_blocks = nn.ModuleList(reversed(up_blocks))  # deepest level first
+        self.middle = ResBlocks([channels[-1]] * 2, [channels[-1]] * 2, cond_channels, group_channels, attention=True)
+        # Identity at the top level keeps the official module indices (and so its state-dict keys).
+        self.downsamples = nn.ModuleList([nn.Identity()] + [Downsample(c) for c in channels[:-1]])
+        self.upsamples = nn.ModuleList([nn.Identity()] + [Upsample(c) for c in reversed(channels[:-1])])
 
-        self.middle = ResBlocks([width, width], width, cond_channels, group_channels, attention=True)
-
-        self.up_blocks = nn.ModuleList()
-        self.upsamples = nn.ModuleList()
-        for i in reversed(range(self.num_levels)):
-            c, d, attn = channels[i], depths[i], attention[i]
-            ins = []
-            for _ in range(d + 1):
-                ins.append(width + skip_channels.pop())
-                width = c
-            self.up_blocks.append(ResBlocks(ins, c, cond_channels, group_channels, attn))
-            if i > 0:
-                self.upsamples.append(Upsample(c))
-
-        self.norm_out = nn.GroupNorm(num_groups(width, group_channels), width)
-        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
-        # Zero-initialised output: F starts at 0, so D starts as c_skip * x (the EDM prior).
+        self.norm_out = group_norm(channels[0], group_channels)
+        self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
+        # Zero weight (the bias keeps PyTorch's init, as in the official code): F starts near 0,
+        # so D starts near c_skip * x, the EDM prior.
         nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
         size = x.shape[-1]
         if size % (2 ** (self.num_levels - 1)) != 0:
             raise ConfigError(f"obs_size {size} is not divisible by 2^(levels-1) = {2 ** (self.num_levels - 1)}")
         x = self.conv_in(x)
-        skips = [x]
-        for i, blocks in enumerate(self.down_blocks):
-            x, outs = blocks(x, cond)
-            skips += outs
-            if i < self.num_levels - 1:
-                x = self.downsamples[i](x)
-                skips.append(x)
+        encoder_maps: list[list[Tensor]] = []
+        for blocks, down in zip(self.down_blocks, self.downsamples):
+            x_down = down(x)
+            x, outs = blocks(x_down, cond)
+            encoder_maps.append([x_down, *outs])
         x, _ = self.middle(x, cond)
-        for i, blocks in enumerate(self.up_blocks):
-            x, _ = blocks(x, cond, skips)
-            if i < self.num_levels - 1:
-                x = self.upsamples[i](x)
-        return self.conv_out(torch.nn.functional.silu(self.norm_out(x)))
+        for blocks, up, skips in zip(self.up_blocks, self.upsamples, reversed(encoder_maps)):
+            x, _ = blocks(up(x), cond, skips[::-1])
+        return self.conv_out(F.silu(self.norm_out(x)))
