@@ -62,6 +62,7 @@ R = {
     "train_agent": res(1, 8, 64_000, 4 * 24 * 60, gpu=True),
     "evaluate": res(1, 4, 16_000, 12 * 60, gpu=True),
     "aggregate": res(1, 1, 4_000, 60),
+    "import_released": res(1, 1, 8_000, 30),
 }
 
 
@@ -163,6 +164,53 @@ rule evaluate:
         "--out-fidelity {output.fidelity} --out-media {output.media} > {log} 2>&1"
 
 
+# The authors' released agents, per game of `released.games` (diamond/released.py): import the
+# official checkpoint, then the evaluate stage's own code. Their runs live in runs/released/G.
+RELEASED = "runs/released/{game}"
+
+
+rule import_released:
+    output:
+        world_model=RELEASED + "/world_model.pt",
+        agent=RELEASED + "/agent.pt",
+        source=RELEASED + "/source.json",
+    params:
+        **rerun_digests("import-released"),
+    log:
+        "logs/import_released/{game}.log",
+    threads: R["import_released"]["threads"]
+    resources:
+        mem_mb=R["import_released"]["mem_mb"],
+        runtime=R["import_released"]["runtime"],
+        gpu=R["import_released"]["gpu"],
+    shell:
+        "OMP_NUM_THREADS={threads} {PY} -m stages.import_released --params {PARAMS_FILE} --game {wildcards.game} "
+        "--out-world-model {output.world_model} --out-agent {output.agent} --out-source {output.source} > {log} 2>&1"
+
+
+rule evaluate_released:
+    input:
+        agent=RELEASED + "/agent.pt",
+    output:
+        score=RELEASED + "/score.json",
+        fidelity=RELEASED + "/evaluate_fidelity.json",
+        media=directory(RELEASED + "/evaluate_media"),
+    params:
+        seed=P["released"]["seed"],
+        **rerun_digests("evaluate-released"),
+    log:
+        "logs/evaluate_released/{game}.log",
+    threads: R["evaluate"]["threads"]
+    resources:
+        mem_mb=R["evaluate"]["mem_mb"],
+        runtime=R["evaluate"]["runtime"],
+        gpu=R["evaluate"]["gpu"],
+    shell:
+        "OMP_NUM_THREADS={threads} {PY} -m stages.evaluate --params {PARAMS_FILE} --game {wildcards.game} "
+        "--seed {params.seed} --released --agent {input.agent} --out-score {output.score} "
+        "--out-fidelity {output.fidelity} --out-media {output.media} > {log} 2>&1"
+
+
 rule aggregate:
     input:
         scores=pipeline.score_files(P),
@@ -171,6 +219,7 @@ rule aggregate:
         csv="reports/atari100k_table.csv",
         tex="reports/atari100k_table.tex",
         json="reports/atari100k_aggregate.json",
+        released="reports/released_vs_paper.md",
     params:
         **rerun_digests("aggregate"),
     log:

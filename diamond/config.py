@@ -197,6 +197,23 @@ class EvaluateConfig:
     fidelity_episodes: int  # held-out real episodes for open-loop imagination
     fidelity_horizons: list[int]  # e.g. [15, 50]
     gif_frames: int
+    # Test episodes played at once, one emulator each, the actor-critic batched over them.
+    # Episode i has its own environment seed and policy stream, so the returns do not depend
+    # on it (up to float rounding of the batched forward pass); speed only.
+    num_envs: int
+
+
+@dataclass(frozen=True)
+class ReleasedConfig:
+    """The authors' released agents (stages import-released and evaluate-released, diamond/released.py)."""
+
+    games: list[str]  # games whose released agent is imported and evaluated; [] for none
+    dir: str  # local folder searched first for {Game}.pt
+    repo_id: str  # Hugging Face Hub repository of the release (official src/play.py: eloialonso/diamond)
+    revision: str  # its branch, tag or commit
+    filename: str  # the file in that repository; "{game}" stands for the game's name
+    method_name: str  # these agents' row in the tables
+    seed: int  # seed of their evaluation (test episodes, fidelity); they were trained elsewhere
 
 
 @dataclass(frozen=True)
@@ -225,6 +242,7 @@ class Params:
     agent: AgentConfig
     evaluate: EvaluateConfig
     aggregate: AggregateConfig
+    released: ReleasedConfig
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -304,8 +322,17 @@ def _validate(p: Params) -> None:
             raise ConfigError(f"agent.collect_temperature: unknown game {g!r}; allowed: {', '.join(ATARI_100K_GAMES)}")
         if not t > 0:
             raise ConfigError(f"agent.collect_temperature.{g}: {t} must be > 0")
-    if not p.games or not p.seeds:
-        raise ConfigError("games and seeds must each list at least one entry")
+    for g in p.released.games:
+        if g not in ATARI_100K_GAMES:
+            raise ConfigError(f"released.games: unknown game {g!r}; allowed: {', '.join(ATARI_100K_GAMES)}")
+    if "{game}" not in p.released.filename:
+        raise ConfigError(f"released.filename: {p.released.filename!r} must contain {{game}}")
+    if p.released.method_name == p.aggregate.method_name:
+        raise ConfigError(f"released.method_name: {p.released.method_name!r} must differ from aggregate.method_name")
+    if not p.seeds:
+        raise ConfigError("seeds must list at least one entry")
+    if not p.games and not p.released.games:
+        raise ConfigError("games and released.games are both empty: nothing to run")
     if p.device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"device: {p.device!r} is not one of 'cpu', 'cuda', 'auto'")
     if p.world_model.denoiser.formulation not in ("edm", "ddpm"):

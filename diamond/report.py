@@ -56,6 +56,7 @@ ROW_LABELS = {
 }
 PARTIAL_MARK = "†"
 DPI = 80  # keeps the committed reference figures small
+PAIR_SEPARATOR = "\x1f"  # between the two methods of a probability-of-improvement pair (in no name)
 
 
 @dataclass(frozen=True)
@@ -450,10 +451,13 @@ def plot_improvement(report: Report, path: Path) -> None:
         ax.text(0.5, 0.5, "No baseline shares a game with these runs", ha="center", va="center")
         _save(fig, path)
         return
-    points = {f"{i.subject},{i.baseline}": np.array([i.estimate.value]) for i in report.improvements}
-    cis = {f"{i.subject},{i.baseline}": np.array([[i.estimate.lo], [i.estimate.hi]]) for i in report.improvements}
+    # rliable splits each key on the separator; method names may hold commas
+    sep = PAIR_SEPARATOR
+    points = {f"{i.subject}{sep}{i.baseline}": np.array([i.estimate.value]) for i in report.improvements}
+    cis = {f"{i.subject}{sep}{i.baseline}": np.array([[i.estimate.lo], [i.estimate.hi]]) for i in report.improvements}
     fig, ax = plt.subplots(figsize=(5, 0.5 * len(points) + 1))
-    plot_utils.plot_probability_of_improvement(points, cis, ax=ax, ticklabelsize="medium", labelsize="medium")
+    plot_utils.plot_probability_of_improvement(points, cis, pair_separator=sep, ax=ax, ticklabelsize="medium",
+                                               labelsize="medium")
     _save(fig, path)
 
 

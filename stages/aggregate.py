@@ -4,7 +4,9 @@
     python -m stages.aggregate --reference-only --out reports/reference
 
 Writes atari100k_table.{md,csv,tex}, atari100k_aggregate.json and the figures under --out, and
-logs them to one MLflow run (stage "aggregate") with the aggregates as metrics.
+logs them to one MLflow run (stage "aggregate") with the aggregates as metrics. Score files of
+the authors' released agents (method `released.method_name`) are one more row, and
+released_vs_paper.{md,png} compares them with the paper's per-seed scores game by game.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import mlflow
 
 from diamond.config import AggregateConfig, ConfigError
+from diamond.released_report import PAPER_METHOD, write_comparison
 from diamond.report import Report, build_report, write_report
 from diamond.scores import REFERENCE_METHODS, load_method, load_results, results_by_method
 from stages.common import base_parser, load_checked_params, run_main
@@ -73,12 +76,16 @@ def main(argv: list[str] | None = None) -> None:
     check_config(cfg)
     if args.reference_only and not cfg.reference_methods:
         raise ConfigError("aggregate.reference_methods is empty: --reference-only has nothing to show")
-    runs = results_by_method(load_results(args.results))  # every file checked before any work
+    results = load_results(args.results)  # every file checked before any work
+    runs = results_by_method(results)
     reference = [load_method(m) for m in cfg.reference_methods]
     with stage_run("aggregate", sections={"aggregate": cfg}, inputs=list(args.results)):
         mlflow.set_tags({"reference_only": str(args.reference_only), "run_methods": ", ".join(m.name for m in runs)})
         report = build_report(reference, runs, cfg.bootstrap_reps, cfg.confidence, cfg.bootstrap_seed)
         written = write_report(report, args.out)
+        if not args.reference_only:
+            written += write_comparison(results, load_method(PAPER_METHOD), report, params.released.method_name,
+                                        args.out, cfg.confidence, cfg.bootstrap_seed)
         log_metrics(report)
         for path in written:
             mlflow.log_artifact(str(path), artifact_path="reports")

@@ -11,23 +11,31 @@ real-vs-imagined GIF of the fidelity measurement.
         --agent runs/Breakout-0/agent.pt --dataset runs/Breakout-0/dataset \
         --out-score runs/Breakout-0/score.json --out-fidelity runs/Breakout-0/evaluate_fidelity.json \
         --out-media runs/Breakout-0/evaluate_media
+
+The test episodes run `evaluate.num_envs` at a time (diamond.evaluation.agent_test_returns).
+For an imported agent (stages.import_official, stages.import_released) there is no dataset:
+without --dataset the imagination GIF starts from the held-out real episodes of the fidelity
+measurement. --released scores the agent under `released.method_name` and `released.seed`
+(the authors' released agents; dvc.yaml's evaluate-released stages).
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
 
-from diamond.agent import AgentPolicy
 from diamond.agent_checkpoint import read_agent_checkpoint
 from diamond.allocator import reuse_freed_memory
 from diamond.config import ConfigError, EvaluateConfig
-from diamond.data import EpisodeStore, SegmentSampler
+from diamond.data import Episode, EpisodeStore, SegmentSampler
 from diamond.env import num_actions
-from diamond.evaluation import RecordingPolicy, imagined_frames, score_record, test_episode_returns, write_gif
+from diamond.evaluation import agent_test_returns, imagined_frames, score_record, write_gif
 from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
 from diamond.imagination import ImaginationEnv
 from diamond.io import atomic_write_json
@@ -38,8 +46,9 @@ from diamond.world_model import load_world_model
 from stages.common import base_parser, load_checked_params, resolve_device, run_main
 from stages.tracking import stage_run
 
-# Streams of the run seed used here (train-agent uses 1..3 per epoch and 11..13).
-TEST_ENV_STREAM, TEST_POLICY_STREAM, IMAGINATION_STREAM = 21, 22, 23
+# Streams of the run seed used here (train-agent uses 1..3 per epoch and 11..13; 22 was the
+# test policy's before each test episode got its own streams).
+TEST_EPISODES_STREAM, IMAGINATION_STREAM = 21, 23
 
 
 def check_evaluate_config(e: EvaluateConfig) -> None:
@@ -54,12 +63,28 @@ def check_evaluate_config(e: EvaluateConfig) -> None:
         )
     if e.gif_frames < 1:
         raise ConfigError(f"evaluate.gif_frames: {e.gif_frames} must be >= 1")
+    if e.num_envs < 1:
+        raise ConfigError(f"evaluate.num_envs: {e.num_envs} must be >= 1")
+
+
+@contextmanager
+def starts_store(store: EpisodeStore | None, episodes: list[Episode], game: str) -> Iterator[EpisodeStore]:
+    """The store imagination starts from: the run's dataset, else a temporary one of `episodes`."""
+    if store is not None:
+        yield store
+        return
+    with tempfile.TemporaryDirectory(prefix="diamond-starts-") as tmp:
+        starts = EpisodeStore(Path(tmp) / "episodes", game=game, num_actions=num_actions(game))
+        for ep in episodes:
+            starts.append(ep)
+        yield starts
 
 
 def main() -> None:
     parser = base_parser("Score the final agent in the real game; world-model fidelity; GIFs.")
     parser.add_argument("--agent", required=True, type=Path, help="agent checkpoint (stage train-agent)")
-    parser.add_argument("--dataset", required=True, type=Path, help="final dataset (imagination starts)")
+    parser.add_argument("--dataset", type=Path, help="final dataset (imagination starts); default: the held-out episodes")
+    parser.add_argument("--released", action="store_true", help="score under released.method_name (the authors' agents)")
     parser.add_argument("--out-score", required=True, type=Path)
     parser.add_argument("--out-fidelity", required=True, type=Path)
     parser.add_argument("--out-media", required=True, type=Path)
@@ -69,14 +94,17 @@ def main() -> None:
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
     game, seed, ev = args.game, args.seed, p.evaluate
+    method = p.released.method_name if args.released else p.aggregate.method_name
     agent = read_agent_checkpoint(args.agent, game)
-    store = EpisodeStore(args.dataset, game=game)
+    store = EpisodeStore(args.dataset, game=game) if args.dataset else None
 
     sections = {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "evaluate": p.evaluate,
-                "method_name": p.aggregate.method_name, "channels_last": p.channels_last,
+                "method_name": method, "channels_last": p.channels_last,
                 "compile_denoiser": p.compile_denoiser, "reuse_freed_memory": p.reuse_freed_memory}
-    with stage_run("evaluate", sections=sections, game=game, seed=seed, inputs=[args.agent, args.dataset]):
+    with stage_run("evaluate", sections=sections, game=game, seed=seed, inputs=[a for a in (args.agent, args.dataset) if a]):
         mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
+        if "imported_from" in agent:
+            mlflow.set_tags({f"imported_from.{k}": v for k, v in agent["imported_from"].items()})
         torch.manual_seed(derived_seed(seed, IMAGINATION_STREAM))
         ac = ActorCritic(p.actor_critic, num_actions(game), p.env.obs_size).to(device)
         ac.load_state_dict(agent["actor_critic"])
@@ -88,24 +116,25 @@ def main() -> None:
         wm.reward_end.eval()
 
         # Score: test episodes in the real game; the first one is also filmed.
-        policy = RecordingPolicy(
-            AgentPolicy(ac, ev.epsilon, np.random.default_rng(derived_seed(seed, TEST_POLICY_STREAM)), device), ev.gif_frames
-        )
-        returns = test_episode_returns(game, derived_seed(seed, TEST_ENV_STREAM), p.env, policy, ev.episodes)
-        score = score_record(game, seed, returns, p.aggregate.method_name)
+        returns, film = agent_test_returns(game, derived_seed(seed, TEST_EPISODES_STREAM), p.env, ac, ev.epsilon,
+                                           ev.episodes, ev.num_envs, device, film_frames=ev.gif_frames)
+        score = score_record(game, seed, returns, method)
+        if "imported_from" in agent:
+            score["imported_from"] = agent["imported_from"]
         atomic_write_json(args.out_score, score)
         media = args.out_media
         media.mkdir(parents=True, exist_ok=True)
-        write_gif(media / "agent_real.gif", policy.frames)
+        write_gif(media / "agent_real.gif", film)
 
-        # The agent in imagination, started from the final dataset.
         context = p.world_model.denoiser.num_conditioning_frames
-        dream = ImaginationEnv(wm.sampler, wm.reward_end, SegmentSampler(store, np.random.default_rng(derived_seed(seed, IMAGINATION_STREAM))),
-                               context, batch_size=1, horizon=ev.gif_frames, device=device)
-        write_gif(media / "agent_imagination.gif", imagined_frames(ac, dream, ev.gif_frames))
+        episodes = heldout_episodes(game, seed, p.env, ev.fidelity_episodes)
+        with starts_store(store, episodes, game) as starts:
+            # The agent in imagination, started from the final dataset (or the held-out episodes).
+            dream = ImaginationEnv(wm.sampler, wm.reward_end, SegmentSampler(starts, np.random.default_rng(derived_seed(seed, IMAGINATION_STREAM))),
+                                   context, batch_size=1, horizon=ev.gif_frames, device=device)
+            write_gif(media / "agent_imagination.gif", imagined_frames(ac, dream, ev.gif_frames))
 
         # World-model fidelity of the final world model on held-out real episodes.
-        episodes = heldout_episodes(game, seed, p.env, ev.fidelity_episodes)
         fidelity = measure_fidelity(wm.sampler, wm.reward_end, episodes, context, ev.fidelity_horizons,
                                     p.world_model.reward_end.segment_length, ev.gif_frames,
                                     media / "world_model_real_vs_imagined.gif", device, seed)

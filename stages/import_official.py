@@ -15,29 +15,48 @@ The world-model checkpoint starts fresh optimiser states; `train-agent --world-m
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import mlflow
 import torch
 
 from diamond.agent_checkpoint import agent_checkpoint
-from diamond.config import to_dict
-from diamond.env import num_actions
+from diamond.config import Params, to_dict
+from diamond.env import check_game, num_actions
 from diamond.io import ArtifactError, atomic_save_torch, load_torch
 from diamond.models.actor_critic import ActorCritic
 from diamond.official import load_official, official_num_actions
+from diamond.released import sha256_file
 from diamond.world_model import build_world_model, save_world_model, world_model_state
 from stages.common import base_parser, load_checked_params, run_main
 from stages.tracking import stage_run
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def read_official(checkpoint: Path, game: str) -> dict:
+    """The official state dict in `checkpoint`, checked to be an agent for `game` (one-line errors)."""
+    state = load_torch(checkpoint, weights_only=True)
+    found, n = official_num_actions(state, str(checkpoint)), num_actions(game)
+    if found != n:
+        raise ArtifactError(f"{checkpoint}: official agent has {found} actions, {game} has {n}; wrong game?")
+    return state
+
+
+def convert(p: Params, game: str, seed: int, state: dict, out_world_model: Path, out_agent: Path,
+            source: dict[str, str]) -> dict[str, int]:
+    """Load an official state dict strictly into our networks and write our two checkpoints (atomically).
+
+    `source` (path, sha256, ...) is stored in both checkpoints as `imported_from`. Returns the
+    parameter count of each network."""
+    n = num_actions(game)
+    device = torch.device("cpu")
+    wm = build_world_model(p.world_model, n, p.env.obs_size, device)
+    ac = ActorCritic(p.actor_critic, n, p.env.obs_size)
+    load_official(state, wm.denoiser, wm.reward_end, ac, source["path"])
+    save_world_model(out_world_model, wm, extra={"imported_from": source})
+    atomic_save_torch(out_agent, agent_checkpoint(
+        game, seed, n, to_dict(p), ac.state_dict(), world_model_state(wm), imported_from=source,
+    ))
+    return {**wm.num_parameters(), "actor_critic": sum(x.numel() for x in ac.parameters())}
 
 
 def main() -> None:
@@ -49,28 +68,21 @@ def main() -> None:
     parser.add_argument("--out-agent", required=True, type=Path)
     args = parser.parse_args()
     p = load_checked_params(args)
-    game, n = args.game, num_actions(args.game)
-    state = load_torch(args.checkpoint, weights_only=True)
-    found = official_num_actions(state, str(args.checkpoint))
-    if found != n:
-        raise ArtifactError(f"{args.checkpoint}: official agent has {found} actions, {game} has {n}; wrong game?")
-    digest = sha256(args.checkpoint)
+    check_game(args.game)
+    state = read_official(args.checkpoint, args.game)
+    digest = sha256_file(args.checkpoint)
     source = {"path": str(args.checkpoint), "sha256": digest}
     with stage_run("import-official", sections={"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic},
-                   game=game, seed=args.seed, inputs=[args.checkpoint]):
+                   game=args.game, seed=args.seed, inputs=[args.checkpoint]):
         mlflow.set_tag("official_checkpoint_sha256", digest)
-        device = torch.device("cpu")
-        wm = build_world_model(p.world_model, n, p.env.obs_size, device)
-        ac = ActorCritic(p.actor_critic, n, p.env.obs_size)
-        load_official(state, wm.denoiser, wm.reward_end, ac, str(args.checkpoint))
-        save_world_model(args.out_world_model, wm, extra={"imported_from": source})
-        atomic_save_torch(args.out_agent, agent_checkpoint(
-            game, args.seed, n, to_dict(p), ac.state_dict(), world_model_state(wm), imported_from=source,
-        ))
-        counts = {**wm.num_parameters(), "actor_critic": sum(x.numel() for x in ac.parameters())}
+        counts = convert(p, args.game, args.seed, state, args.out_world_model, args.out_agent, source)
         mlflow.log_metrics({f"parameters.{k}": v for k, v in counts.items()})
-    print(f"import-official {game}: {args.checkpoint} (sha256 {digest[:12]}) -> {args.out_world_model}, {args.out_agent}; "
-          + ", ".join(f"{k} {v:,} parameters" for k, v in counts.items()))
+    print(f"import-official {args.game}: {args.checkpoint} (sha256 {digest[:12]}) -> {args.out_world_model}, {args.out_agent}; "
+          + parameter_summary(counts))
+
+
+def parameter_summary(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,} parameters" for k, v in counts.items())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What `dvc.yaml` and the `Snakefile` share, so that the two pipelines cannot drift apart.
 
-- the runs (game, seed) of a params file and the per-run artifact paths;
+- the runs (game, seed) of a params file and the per-run artifact paths, and the games of the
+  authors' released agents (`released.games`, artifacts under runs/released/G);
 - the params keys each stage reads (DVC `params:`, Snakemake rerun-on-params);
 - the source files each stage runs (DVC `deps:`, Snakemake rerun-on-code), found from the
   stage module's imports so that nothing is forgotten.
@@ -35,6 +36,9 @@ STAGE_MODULES: dict[str, str] = {
     "train-agent": "stages.train_agent",
     "evaluate": "stages.evaluate",
     "aggregate": "stages.aggregate",
+    # the authors' released agents, per game of released.games: the same evaluate code
+    "import-released": "stages.import_released",
+    "evaluate-released": "stages.evaluate",
 }
 
 # The params keys each stage reads (dotted keys for parts of a section). Changing any other
@@ -54,8 +58,17 @@ STAGE_PARAMS: dict[str, list[str]] = {
         "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "env", "world_model", "actor_critic",
         "evaluate", "aggregate.method_name",
     ],
-    # games and seeds choose which score files enter the table
-    "aggregate": ["games", "seeds", "aggregate"],
+    # games, seeds and released.games choose which score files enter the table
+    "aggregate": ["games", "seeds", "aggregate", "released.games", "released.method_name"],
+    # not released.games: adding a game must not rerun the others
+    "import-released": [
+        "env", "world_model", "actor_critic", "released.dir", "released.repo_id", "released.revision",
+        "released.filename", "released.seed",
+    ],
+    "evaluate-released": [
+        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "env", "world_model", "actor_critic",
+        "evaluate", "released.method_name", "released.seed",
+    ],
 }
 
 # Data files read by a stage besides code and params.
@@ -78,8 +91,19 @@ def run_dir(game: str, seed: int) -> str:
     return f"{RUNS_DIR}/{game}-{seed}"
 
 
+def released_games(params: dict[str, Any]) -> list[str]:
+    return [str(g) for g in params.get("released", {}).get("games", [])]
+
+
+def released_dir(game: str) -> str:
+    return f"{RUNS_DIR}/released/{game}"
+
+
 def score_files(params: dict[str, Any]) -> list[str]:
-    return [f"{run_dir(g, s)}/score.json" for g, s in runs(params)]
+    """Every score file `aggregate` reads: the trained runs', then the released agents'."""
+    return [f"{run_dir(g, s)}/score.json" for g, s in runs(params)] + [
+        f"{released_dir(g)}/score.json" for g in released_games(params)
+    ]
 
 
 def param_value(params: dict[str, Any], key: str) -> Any:

@@ -19,20 +19,25 @@ DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 RUN = "runs/Breakout-0"
 
 
+def stage_def(name: str) -> dict:
+    """A stage's definition; `foreach` stages keep it under `do`."""
+    return DVC_YAML[name].get("do", DVC_YAML[name])
+
+
 def _path(entry) -> str:
     return entry if isinstance(entry, str) else next(iter(entry))
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_PARAMS))
 def test_declared_params_are_what_the_stage_reads(stage: str) -> None:
-    assert DVC_YAML[stage]["params"] == STAGE_PARAMS[stage]
+    assert stage_def(stage)["params"] == STAGE_PARAMS[stage]
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_PARAMS))
 def test_declared_code_deps_are_the_stage_imports(stage: str) -> None:
     """Every project file the stage imports (transitively) is a dependency, and nothing else:
     a new import without a dvc.yaml entry would let stale outputs pass as up to date."""
-    deps = [_path(d) for d in DVC_YAML[stage]["deps"] if not _path(d).startswith("runs")]
+    deps = [_path(d) for d in stage_def(stage)["deps"] if not _path(d).startswith("runs")]
     expected = stage_code_files(stage) + STAGE_DATA.get(stage, [])
     if stage == "aggregate":
         expected.append("stages/pipeline.py")  # its command lists the score files
