@@ -9,7 +9,11 @@
 # software-env`, without `mtime`, because DVC does not keep file timestamps on checkout. So that
 # editing a params key or a source file still reruns exactly the stages that read it, each
 # rule's `params` carries a digest of the params keys and of the source files the stage reads
-# (the same lists that dvc.yaml declares, from stages/pipeline.py).
+# (the same lists that dvc.yaml declares, from stages/pipeline.py). Outputs that Snakemake has
+# no record of (built by DVC, by hand, or under another params file) are judged by their
+# provenance records (stages/pipeline.py, "Provenance"): every job takes its provenance key
+# file as an input, which is dated now, and so reruns the job with all that follows, exactly
+# when the job's outputs came from other params or code.
 
 import os
 import shlex
@@ -72,6 +76,8 @@ rule all:
 
 
 rule collect:
+    input:
+        provenance=lambda w: pipeline.key_file(P, "collect", w.game, int(w.seed)),
     output:
         dataset=directory(RUN + "/dataset_initial"),
         stats=RUN + "/collect.json",
@@ -87,11 +93,13 @@ rule collect:
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m stages.collect " + ARGS + " "
         "--out-dataset {output.dataset} --out-stats {output.stats} > {log} 2>&1"
+        " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage collect --game {wildcards.game} --seed {wildcards.seed} --tool snakemake"
 
 
 rule train_world_model:
     input:
         dataset=RUN + "/dataset_initial",
+        provenance=lambda w: pipeline.key_file(P, "train-world-model", w.game, int(w.seed)),
     output:
         checkpoint=RUN + "/world_model.pt",
         metrics=RUN + "/world_model.json",
@@ -111,12 +119,14 @@ rule train_world_model:
         "--dataset {input.dataset} --out-checkpoint {output.checkpoint} "
         "--out-metrics {output.metrics} --out-curve {output.curve} --out-media {output.media} "
         "> {log} 2>&1"
+        " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage train-world-model --game {wildcards.game} --seed {wildcards.seed} --tool snakemake"
 
 
 rule train_agent:
     input:
         dataset=RUN + "/dataset_initial",
         world_model=RUN + "/world_model.pt",
+        provenance=lambda w: pipeline.key_file(P, "train-agent", w.game, int(w.seed)),
     output:
         checkpoint=RUN + "/agent.pt",
         dataset=directory(RUN + "/dataset"),
@@ -139,12 +149,14 @@ rule train_agent:
         "--out-checkpoint {output.checkpoint} --out-dataset {output.dataset} "
         "--out-metrics {output.metrics} --out-curve {output.curve} --state-dir {params.state_dir} "
         "> {log} 2>&1"
+        " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage train-agent --game {wildcards.game} --seed {wildcards.seed} --tool snakemake"
 
 
 rule evaluate:
     input:
         agent=RUN + "/agent.pt",
         dataset=RUN + "/dataset",
+        provenance=lambda w: pipeline.key_file(P, "evaluate", w.game, int(w.seed)),
     output:
         score=RUN + "/score.json",
         fidelity=RUN + "/evaluate_fidelity.json",
@@ -162,6 +174,7 @@ rule evaluate:
         "OMP_NUM_THREADS={threads} {PY} -m stages.evaluate " + ARGS + " "
         "--agent {input.agent} --dataset {input.dataset} --out-score {output.score} "
         "--out-fidelity {output.fidelity} --out-media {output.media} > {log} 2>&1"
+        " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage evaluate --game {wildcards.game} --seed {wildcards.seed} --tool snakemake"
 
 
 # The authors' released agents, per game of `released.games` (diamond/released.py): import the
@@ -170,6 +183,8 @@ RELEASED = "runs/released/{game}"
 
 
 rule import_released:
+    input:
+        provenance=lambda w: pipeline.key_file(P, "import-released", w.game),
     output:
         world_model=RELEASED + "/world_model.pt",
         agent=RELEASED + "/agent.pt",
@@ -186,11 +201,13 @@ rule import_released:
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m stages.import_released --params {PARAMS_FILE} --game {wildcards.game} "
         "--out-world-model {output.world_model} --out-agent {output.agent} --out-source {output.source} > {log} 2>&1"
+        " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage import-released --game {wildcards.game} --tool snakemake"
 
 
 rule evaluate_released:
     input:
         agent=RELEASED + "/agent.pt",
+        provenance=lambda w: pipeline.key_file(P, "evaluate-released", w.game),
     output:
         score=RELEASED + "/score.json",
         fidelity=RELEASED + "/evaluate_fidelity.json",
@@ -209,11 +226,13 @@ rule evaluate_released:
         "OMP_NUM_THREADS={threads} {PY} -m stages.evaluate --params {PARAMS_FILE} --game {wildcards.game} "
         "--seed {params.seed} --released --agent {input.agent} --out-score {output.score} "
         "--out-fidelity {output.fidelity} --out-media {output.media} > {log} 2>&1"
+        " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage evaluate-released --game {wildcards.game} --tool snakemake"
 
 
 rule aggregate:
     input:
         scores=pipeline.score_files(P),
+        provenance=pipeline.key_file(P, "aggregate"),
     output:
         table="reports/atari100k_table.md",
         csv="reports/atari100k_table.csv",
@@ -232,3 +251,5 @@ rule aggregate:
     shell:
         "{PY} -m stages.aggregate --params {PARAMS_FILE} --results {input.scores} --out reports "
         "> {log} 2>&1"
+        " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage aggregate --tool snakemake"
+

@@ -20,7 +20,7 @@ from diamond.config import AggregateConfig, ConfigError
 from diamond.released_report import PAPER_METHOD, write_comparison
 from diamond.report import Report, build_report, write_report
 from diamond.scores import REFERENCE_METHODS, load_method, load_results, results_by_method
-from stages.common import base_parser, load_checked_params, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, run_main
 from stages.tracking import stage_run
 
 
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_checked_params(args)
     cfg = params.aggregate
     check_config(cfg)
+    forget_provenance(args.out, "aggregate")
     if args.reference_only and not cfg.reference_methods:
         raise ConfigError("aggregate.reference_methods is empty: --reference-only has nothing to show")
     results = load_results(args.results)  # every file checked before any work

@@ -25,7 +25,7 @@ from diamond.config import CollectConfig, ConfigError
 from diamond.data import EpisodeStore
 from diamond.env import make_env, num_actions
 from diamond.io import atomic_directory, atomic_write_json
-from stages.common import base_parser, load_checked_params, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, run_main
 from stages.tracking import stage_run
 
 # Stream of the run seed that drives the uniform policy (the env has its own, seeded by `seed`).
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--out-stats", required=True, type=Path, help="JSON of collection statistics to write")
     args = parser.parse_args()
     p = load_checked_params(args)
+    forget_provenance(args.out_dataset.parent, "collect")
     check_collect_config(p.collect)
     game, seed = args.game, args.seed
 

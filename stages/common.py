@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,15 @@ def load_checked_params(args: argparse.Namespace) -> Params:
         if game not in ATARI_100K_GAMES:
             raise ConfigError(f"--game: unknown game {game!r}; allowed: {', '.join(ATARI_100K_GAMES)}")
     return params
+
+
+PROVENANCE_DIR = ".provenance"  # stages/pipeline.py records there which params and code built a job
+
+
+def forget_provenance(job_dir: Path, stage: str) -> None:
+    """Called when a stage starts: its outputs in `job_dir` are about to change, so their record
+    goes until `python -m stages.pipeline done` writes the new one (stages/pipeline.py)."""
+    (Path(job_dir) / PROVENANCE_DIR / f"{stage}.json").unlink(missing_ok=True)
 
 
 def resolve_device(params: Params) -> torch.device:

@@ -43,7 +43,7 @@ from diamond.loop import derived_seed
 from diamond.models.actor_critic import ActorCritic
 from diamond.training import compile_networks, set_memory_format
 from diamond.world_model import load_world_model
-from stages.common import base_parser, load_checked_params, resolve_device, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
 from stages.tracking import stage_run
 
 # Streams of the run seed used here (train-agent uses 1..3 per epoch and 11..13; 22 was the
@@ -91,6 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     p = load_checked_params(args)
     check_evaluate_config(p.evaluate)
+    forget_provenance(args.out_score.parent, "evaluate-released" if args.released else "evaluate")
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
     game, seed, ev = args.game, args.seed, p.evaluate

@@ -20,7 +20,7 @@ import mlflow
 from diamond.env import check_game
 from diamond.io import atomic_write_json
 from diamond.released import locate_released
-from stages.common import base_parser, load_checked_params, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, run_main
 from stages.import_official import convert, parameter_summary, read_official
 from stages.tracking import stage_run
 
@@ -34,6 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     p = load_checked_params(args)
     check_game(args.game)
+    forget_provenance(args.out_agent.parent, "import-released")
     found = locate_released(p.released, args.game)
     state = read_official(found.path, args.game)
     source = found.record(p.released)

@@ -6,9 +6,23 @@
 - the source files each stage runs (DVC `deps:`, Snakemake rerun-on-code), found from the
   stage module's imports so that nothing is forgotten.
 
-Command line, used by dvc.yaml's aggregate stage (DVC templating has no cartesian product):
+Provenance (the same for both tools, so that neither takes the other's outputs for up to date
+when they were built from other params or code): every job has a key, the hash of the params
+keys it reads, of its source files and of its upstream jobs' keys (`stage_key`). When a stage
+command succeeds, both dvc.yaml and the Snakefile run `python -m stages.pipeline done ...`,
+which writes the key to DIR/.provenance/STAGE.json beside the outputs, and an empty
+DIR/.provenance/STAGE.key-KEY; a stage that starts removes the record (stages.common), so the
+outputs of an unfinished or unrecorded run have no provenance. Every Snakemake job takes the key
+file of its current key as an input (`key_file`), dated so that Snakemake reruns the job, and
+everything after it, exactly when its outputs were built under another key or none. Under Snakemake with
+params.yaml, `done` also runs `dvc commit` for the stage, so that dvc.lock records what
+Snakemake built and `dvc status` / `dvc repro` see it as DVC's own work.
+
+Command line, used by dvc.yaml (DVC templating has no cartesian product) and the Snakefile:
 
     python -m stages.pipeline score-files --params params.yaml   # runs/G-S/score.json ...
+    python -m stages.pipeline done --params params.yaml --stage evaluate --game G --seed S --tool dvc
+    python -m stages.pipeline stale --params params.yaml         # the stale jobs, one per line
 
 It imports only the standard library and PyYAML: the Snakefile loads it on every invocation.
 """
@@ -17,8 +31,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import fcntl
+import functools
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +93,27 @@ STAGE_PARAMS: dict[str, list[str]] = {
 
 # Data files read by a stage besides code and params.
 STAGE_DATA: dict[str, list[str]] = {"aggregate": ["diamond/reference_data"]}
+
+# The output whose presence means a job has run (its other outputs are written before it or
+# with it), relative to the job's directory (runs/G-S, runs/released/G or reports).
+PRIMARY_OUTPUT: dict[str, str] = {
+    "collect": "dataset_initial", "train-world-model": "world_model.pt", "train-agent": "agent.pt",
+    "evaluate": "score.json", "import-released": "agent.pt", "evaluate-released": "score.json",
+    "aggregate": "atari100k_table.md",
+}
+# Every output of a job (the Snakefile's rule outputs), relative to the job's directory.
+STAGE_OUTPUTS: dict[str, list[str]] = {
+    "collect": ["dataset_initial", "collect.json"],
+    "train-world-model": ["world_model.pt", "world_model.json", "world_model_curve.csv", "world_model_media"],
+    "train-agent": ["agent.pt", "dataset", "agent.json", "agent_curve.csv"],
+    "evaluate": ["score.json", "evaluate_fidelity.json", "evaluate_media"],
+    "import-released": ["world_model.pt", "agent.pt", "source.json"],
+    "evaluate-released": ["score.json", "evaluate_fidelity.json", "evaluate_media"],
+    "aggregate": ["atari100k_table.md", "atari100k_table.csv", "atari100k_table.tex", "atari100k_aggregate.json",
+                  "released_vs_paper.md"],
+}
+PROVENANCE_DIR = ".provenance"
+DVC_PARAMS_FILE = "params.yaml"  # the params file dvc.yaml's stages read
 
 
 def load_raw(params_file: str | Path) -> dict[str, Any]:
@@ -164,6 +205,7 @@ def stage_code_files(stage: str) -> list[str]:
     return code_files(STAGE_MODULES[stage])
 
 
+@functools.cache
 def code_digest(stage: str) -> str:
     """Hash of the source and data files `stage` runs; changes when any of them does."""
     h = hashlib.sha256()
@@ -175,6 +217,151 @@ def code_digest(stage: str) -> str:
     return h.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------------------------
+# Provenance
+# ---------------------------------------------------------------------------------------
+
+Job = tuple[str, "str | None", "int | None"]  # (stage, game, seed); seed None for released, both for aggregate
+
+
+def upstream(params: dict[str, Any], stage: str, game: str | None, seed: int | None) -> list[Job]:
+    """The jobs whose outputs `stage` reads, for this game and seed."""
+    if stage in ("collect", "import-released"):
+        return []
+    if stage == "train-world-model":
+        return [("collect", game, seed)]
+    if stage == "train-agent":
+        return [("collect", game, seed), ("train-world-model", game, seed)]
+    if stage == "evaluate":
+        return [("train-agent", game, seed)]
+    if stage == "evaluate-released":
+        return [("import-released", game, None)]
+    if stage == "aggregate":
+        return [("evaluate", g, s) for g, s in runs(params)] + [("evaluate-released", g, None) for g in released_games(params)]
+    raise KeyError(f"unknown stage {stage!r}; allowed: {', '.join(STAGE_MODULES)}")
+
+
+def stage_key(params: dict[str, Any], stage: str, game: str | None = None, seed: int | None = None) -> str:
+    """What a job's outputs depend on: its params keys, its source files, its upstream jobs' keys."""
+    h = hashlib.sha256(f"{stage}\0{game}\0{seed}\0".encode())
+    h.update(params_digest(params, stage).encode() + code_digest(stage).encode())
+    for job in upstream(params, stage, game, seed):
+        h.update(stage_key(params, *job).encode())
+    return h.hexdigest()[:16]
+
+
+def job_dir(stage: str, game: str | None, seed: int | None) -> str:
+    if stage == "aggregate":
+        return REPORTS_DIR
+    return released_dir(str(game)) if stage in ("import-released", "evaluate-released") else run_dir(str(game), int(seed))
+
+
+def provenance_path(stage: str, game: str | None, seed: int | None) -> Path:
+    return Path(job_dir(stage, game, seed)) / PROVENANCE_DIR / f"{stage}.json"
+
+
+def stale_reason(params: dict[str, Any], stage: str, game: str | None = None, seed: int | None = None) -> str | None:
+    """Why the job's existing outputs do not come from the current params and code; None when
+    they do, or when there are none (then both tools run the job anyway)."""
+    if not (Path(job_dir(stage, game, seed)) / PRIMARY_OUTPUT[stage]).exists():
+        return None
+    record = provenance_path(stage, game, seed)
+    found = _recorded_key(record)
+    if found is None:
+        return f"{job_dir(stage, game, seed)}/{PRIMARY_OUTPUT[stage]} has no provenance record ({record})"
+    expected = stage_key(params, stage, game, seed)
+    if found != expected:
+        return f"{job_dir(stage, game, seed)}/{PRIMARY_OUTPUT[stage]} was built under key {found}; current params and code give {expected}"
+    return None
+
+
+def key_file(params: dict[str, Any], stage: str, game: str | None = None, seed: int | None = None) -> str:
+    """The Snakefile's provenance input of a job: DIR/.provenance/STAGE.key-KEY for the current key.
+
+    `done` leaves the key file of the key a job's outputs were built under, dated 1970, beside
+    the record STAGE.json. When the record holds another key, or none (a stage started and not
+    recorded: killed, failed, or run by hand; or outputs never built), the key file of the
+    current key is created here, dated now: newer than the outputs, so Snakemake reruns the job
+    and everything after it (an input newer than the outputs reruns a job Snakemake has no
+    record of; one it has a record of reruns because its input's name changed)."""
+    key = stage_key(params, stage, game, seed)
+    path = Path(job_dir(stage, game, seed)) / PROVENANCE_DIR / f"{stage}.key-{key}"
+    if _recorded_key(provenance_path(stage, game, seed)) != key or not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        os.utime(path)  # now, also if it existed
+    return path.as_posix()
+
+
+def _recorded_key(record: Path) -> str | None:
+    try:
+        return str(json.loads(record.read_text())["key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def all_jobs(params: dict[str, Any]) -> list[Job]:
+    per_run = ("collect", "train-world-model", "train-agent", "evaluate")
+    jobs: list[Job] = [(st, g, s) for g, s in runs(params) for st in per_run]
+    jobs += [(st, g, None) for g in released_games(params) for st in ("import-released", "evaluate-released")]
+    return jobs + [("aggregate", None, None)]
+
+
+def dvc_stage_name(stage: str, game: str | None, seed: int | None) -> str:
+    if stage == "aggregate":
+        return stage
+    return f"{stage}@{game}" if seed is None else f"{stage}@{game}-{seed}"
+
+
+def record_done(params_file: str, stage: str, game: str | None, seed: int | None, tool: str) -> Path:
+    """Write the job's provenance record; under Snakemake with dvc.yaml's params file, commit the
+    job to dvc.lock as well."""
+    params = load_raw(params_file)
+    path = provenance_path(stage, game, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"stage": stage, "game": game, "seed": seed, "key": stage_key(params, stage, game, seed),
+              "params_file": params_file, "tool": tool, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for old in path.parent.glob(f"{stage}.key-*"):
+        old.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    key = path.parent / f"{stage}.key-{record['key']}"
+    key.touch()
+    # Older than any output: Snakemake compares timestamps for outputs it has no record of, and
+    # a key file newer than the outputs would rerun the job it vouches for.
+    os.utime(key, (0, 0))
+    same_file = Path(params_file).resolve() == (ROOT / DVC_PARAMS_FILE).resolve()
+    if tool == "snakemake" and same_file and (ROOT / ".dvc").is_dir():
+        dvc_commit(dvc_stage_name(stage, game, seed))
+    if tool != "snakemake" and Path(".snakemake", "metadata").is_dir():
+        forget_snakemake_record(stage, game, seed)
+    return path
+
+
+def forget_snakemake_record(stage: str, game: str | None, seed: int | None) -> None:
+    """Another tool rebuilt the job: drop Snakemake's own record of its outputs (official CLI),
+    which would otherwise rerun the job for the params of Snakemake's last run; the provenance
+    record now speaks for them."""
+    outputs = [f"{job_dir(stage, game, seed)}/{name}" for name in STAGE_OUTPUTS[stage]]
+    snakemake = Path(sys.executable).with_name("snakemake")
+    subprocess.run([str(snakemake) if snakemake.exists() else "snakemake", "--cleanup-metadata", *outputs,
+                    "--quiet", "all"], capture_output=True, text=True)
+
+
+def dvc_commit(name: str) -> None:
+    """`dvc commit` one stage, one process at a time (parallel jobs would fight for DVC's lock)."""
+    lock_path = ROOT / ".dvc" / "tmp" / "diamond-commit.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    dvc = Path(sys.executable).with_name("dvc")
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = subprocess.run([str(dvc) if dvc.exists() else "dvc", "commit", "--force", "--quiet", name],
+                              cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: dvc commit {name} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -182,11 +369,26 @@ def main(argv: list[str] | None = None) -> None:
     sf.add_argument("--params", default="params.yaml")
     cf = sub.add_parser("code-files", help="the source files a stage runs")
     cf.add_argument("stage", choices=sorted(STAGE_MODULES))
+    dn = sub.add_parser("done", help="record a job's provenance after its stage command succeeded")
+    dn.add_argument("--params", default=DVC_PARAMS_FILE)
+    dn.add_argument("--stage", required=True, choices=sorted(STAGE_MODULES))
+    dn.add_argument("--game")
+    dn.add_argument("--seed", type=int)
+    dn.add_argument("--tool", required=True, choices=["dvc", "snakemake", "manual"])
+    st = sub.add_parser("stale", help="jobs whose outputs the current params and code did not produce")
+    st.add_argument("--params", default=DVC_PARAMS_FILE)
     args = p.parse_args(argv)
     if args.command == "score-files":
         print(" ".join(score_files(load_raw(args.params))))
-    else:
+    elif args.command == "code-files":
         print("\n".join(stage_code_files(args.stage)))
+    elif args.command == "done":
+        record_done(args.params, args.stage, args.game, args.seed, args.tool)
+    else:
+        params = load_raw(args.params)
+        for job in all_jobs(params):
+            if (why := stale_reason(params, *job)) is not None:
+                print(f"{dvc_stage_name(*job)}: {why}")
 
 
 if __name__ == "__main__":

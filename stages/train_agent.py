@@ -38,7 +38,7 @@ from diamond.loop import DATASET_DIR, STATE_FILE, AgentRun, load_state, saved_ru
 from diamond.models.actor_critic import ActorCritic
 from diamond.training import Trainer, compile_networks, set_memory_format
 from diamond.world_model import load_world_model, world_model_state
-from stages.common import base_parser, load_checked_params, resolve_device, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
 from stages.tracking import dvc_md5, stage_run
 
 # Streams of the run seed (collect uses 1 for its uniform policy).
@@ -156,6 +156,7 @@ def main() -> None:
                              "instead of a fresh initialisation")
     args = parser.parse_args()
     p = load_checked_params(args)
+    forget_provenance(args.out_checkpoint.parent, "train-agent")
     check_agent_config(p.agent)
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)

@@ -39,7 +39,7 @@ from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json
 from diamond.models.reward_end import class_counts
 from diamond.training import compile_networks, set_memory_format
 from diamond.world_model import WorldModel, build_world_model, load_world_model, read_checkpoint, save_world_model
-from stages.common import base_parser, load_checked_params, resolve_device, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
 from stages.tracking import stage_run
 
 SEGMENT_STREAM = 2  # stream of the run seed that drives segment sampling
@@ -169,6 +169,7 @@ def train(
 def run(args: Any, p: Params) -> None:
     c, game, seed = p.world_model, args.game, args.seed
     check_config(c)
+    forget_provenance(args.out_checkpoint.parent, "train-world-model")
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
     if not args.dataset.is_dir():
