@@ -253,11 +253,13 @@ def _build(cls: type, data: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     yaml_names = {_yaml_name(n): n for n in fields}
     unknown = sorted(set(data) - set(yaml_names))
+    # the full dotted path of the key, so that the message names it whatever its depth
+    path = lambda key: f"{where}.{key}" if where else key  # noqa: E731
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {sorted(yaml_names)}")
+        raise ConfigError(f"{path(unknown[0])}: unknown key; allowed here: {', '.join(sorted(yaml_names))}")
     missing = sorted(k for k in yaml_names if k not in data)
     if missing:
-        raise ConfigError(f"{where}: missing key {missing[0]!r}")
+        raise ConfigError(f"{path(missing[0])}: missing key")
     kwargs = {}
     for key, value in data.items():
         name = yaml_names[key]

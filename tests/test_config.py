@@ -1,0 +1,35 @@
+"""Params errors name the full dotted path of the bad key and what is allowed, in one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import tiny_params_dict
+from diamond.config import ConfigError, params_from_dict
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(colour="red"), "colour: unknown key; allowed here: actor_critic, agent,"),
+        (lambda d: d["world_model"]["denoiser"].update(chanels=[8]), "world_model.denoiser.chanels: unknown key; allowed here:"),
+        (lambda d: d["evaluate"].pop("num_envs"), "evaluate.num_envs: missing key"),
+        (lambda d: d.pop("released"), "released: missing key"),
+        (lambda d: d["evaluate"].update(episodes="ten"), "evaluate.episodes: expected an integer, got 'ten'"),
+        (lambda d: d["released"].update(games=["Tetris"]), "released.games: unknown game 'Tetris'; allowed: Alien,"),
+        (lambda d: d["released"].update(filename="models/x.pt"), "released.filename: 'models/x.pt' must contain {game}"),
+        (lambda d: d.update(games=[]) or d["released"].update(games=[]), "games and released.games are both empty"),
+    ],
+)
+def test_bad_params_are_one_line_errors_naming_the_key(edit, message: str) -> None:
+    d = tiny_params_dict()
+    edit(d)
+    with pytest.raises(ConfigError) as e:
+        params_from_dict(d)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_released_agents_alone_are_a_valid_run() -> None:
+    d = tiny_params_dict()
+    d["games"], d["released"]["games"] = [], ["Pong"]
+    assert params_from_dict(d).released.games == ["Pong"]
