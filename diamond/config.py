@@ -58,7 +58,9 @@ class OptimizerConfig:
 class DenoiserConfig:
     """EDM denoiser D and its U-Net F (DESIGN 3.2)."""
 
-    formulation: str  # "edm" or "ddpm" (the paper's ablation)
+    # "edm" (the paper) or "ddpm" (its section 5.1 ablation as the official `ddpm` branch does it:
+    # epsilon prediction, offset noise, diffusers DDPMScheduler sampling; see diamond/ddpm.py).
+    formulation: str
     num_conditioning_frames: int  # L = 4
     cond_channels: int  # conditioning vector size (256)
     channels: list[int]  # U-Net channels per level
@@ -71,7 +73,7 @@ class DenoiserConfig:
     train_log_sigma_scale: float
     train_sigma_min: float
     train_sigma_max: float
-    ddpm_num_timesteps: int  # DDPM ablation only
+    ddpm_num_timesteps: int  # DDPM only: T of the linear beta schedule (official ddpm branch: 1000)
     # Extra training targets per segment fed back from D's own one-shot estimate (official
     # denoiser.training.num_autoregressive_steps, config/trainer.yaml: 1); 0 = teacher forcing only.
     num_autoregressive_steps: int
@@ -88,7 +90,8 @@ class DenoiserConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Karras schedule and Euler/Heun solver (DESIGN 3.2)."""
+    """Karras schedule and Euler/Heun solver (DESIGN 3.2). With denoiser formulation "ddpm" only
+    num_steps and quantize apply (diamond/ddpm.py, `DDPMSampler`)."""
 
     num_steps: int
     sigma_min: float
@@ -340,6 +343,12 @@ def _validate(p: Params) -> None:
     if p.world_model.denoiser.formulation not in ("edm", "ddpm"):
         raise ConfigError(
             f"world_model.denoiser.formulation: {p.world_model.denoiser.formulation!r} is not 'edm' or 'ddpm'"
+        )
+    den, smp = p.world_model.denoiser, p.world_model.sampler
+    if den.formulation == "ddpm" and not 1 <= smp.num_steps <= den.ddpm_num_timesteps:
+        raise ConfigError(
+            f"world_model.sampler.num_steps: {smp.num_steps} must be in [1, {den.ddpm_num_timesteps}] "
+            "(denoiser.ddpm_num_timesteps) for formulation 'ddpm'"
         )
     if p.world_model.sampler.order not in (1, 2):
         raise ConfigError(f"world_model.sampler.order: {p.world_model.sampler.order!r} is not 1 (Euler) or 2 (Heun)")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from diamond.config import ConfigError, WorldModelConfig, _build, params_hash, to_dict
+from diamond.ddpm import DDPMSampler
 from diamond.io import ArtifactError, atomic_save_torch, load_torch
 from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
@@ -38,8 +39,10 @@ class WorldModel:
     reward_end_trainer: Trainer
 
     @property
-    def sampler(self) -> DiffusionSampler:
-        return DiffusionSampler(self.denoiser, self.cfg.sampler, quantization=self.cfg.denoiser.quantization)
+    def sampler(self) -> DiffusionSampler | DDPMSampler:
+        """The denoiser's sampler: EDM's ODE solver, or the official ddpm branch's DDPM sampler."""
+        kind = DiffusionSampler if self.cfg.denoiser.formulation == "edm" else DDPMSampler
+        return kind(self.denoiser, self.cfg.sampler, quantization=self.cfg.denoiser.quantization)
 
     @property
     def denoiser_steps(self) -> int:

@@ -1,4 +1,4 @@
-"""EDM preconditioning, the DDPM variant, the masked loss and the U-Net's size."""
+"""EDM preconditioning, the masked loss and the U-Net's size (DDPM: tests/test_ddpm.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 
 from diamond.config import ConfigError, DenoiserConfig, params_from_dict
 from diamond.data import Segment
-from diamond.models.denoiser import Denoiser, ddpm_conditioners, ddpm_sigma_table, edm_conditioners
+from diamond.models.denoiser import Denoiser, edm_conditioners
 from diamond.sampler import quantize_8bit
 from conftest import tiny_params_dict
 
@@ -63,20 +63,6 @@ def test_edm_unit_variance_input_and_target():
         assert ((x0 - c_skip * x) / c_out).std().item() == pytest.approx(1.0, abs=0.01)
 
 
-def test_ddpm_conditioners_recover_x0_from_true_noise():
-    table = ddpm_sigma_table(1000)
-    assert torch.all(table[1:] > table[:-1])
-    sigma = table[[0, 10, 500, 999]]
-    c_in, c_out, c_skip, c_noise = ddpm_conditioners(sigma, table)
-    assert torch.allclose(c_noise, torch.tensor([0, 10, 500, 999], dtype=torch.float64) / 1000, atol=1e-9)
-    x0, eps = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-    x = x0 + sigma * eps
-    assert torch.allclose(c_skip * x + c_out * eps, x0)  # F = eps gives D = x0
-    # The variance-preserving input: c_in x = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps.
-    alpha_bar = 1 / (1 + sigma**2)
-    assert torch.allclose(c_in * x, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps)
-
-
 def test_fresh_denoiser_is_c_skip_times_input(tiny_params):
     den = Denoiser(tiny_cfg(tiny_params), num_actions=4)
     x = torch.randn(2, 3, 16, 16)
@@ -121,16 +107,6 @@ def test_loss_on_longer_segments_uses_every_window(tiny_params, k):
     assert loss.ndim == 0 and torch.isfinite(loss)
     with pytest.raises(ValueError, match=f"at least {4 + k} steps"):
         den.compute_loss(random_segment(2, 3 + k).to_torch())
-
-
-def test_ddpm_variant_trains_same_network(tiny_params):
-    edm = Denoiser(tiny_cfg(tiny_params), num_actions=4)
-    ddpm = Denoiser(tiny_cfg(tiny_params, formulation="ddpm"), num_actions=4)
-    assert sum(p.numel() for p in edm.parameters()) == sum(p.numel() for p in ddpm.parameters())
-    loss, _ = ddpm.compute_loss(random_segment(2, ddpm.cfg.training_segment_steps).to_torch())
-    loss.backward()
-    # A fresh DDPM network outputs eps = 0, so its loss is E[eps^2] = 1.
-    assert loss.item() == pytest.approx(1.0, abs=0.1)
 
 
 def test_paper_unet_size():
@@ -187,10 +163,9 @@ def loss_and_grads(den: Denoiser, loss_fn, seg) -> tuple[torch.Tensor, list[torc
     return loss.detach(), [p.grad.clone() for p in den.parameters() if p.grad is not None]
 
 
-@pytest.mark.parametrize("formulation", ["edm", "ddpm"])
 @pytest.mark.parametrize("steps", [4, 6])
-def test_no_autoregressive_steps_is_the_former_loss_bit_for_bit(tiny_params, formulation, steps):
-    den = nonzero_denoiser(tiny_cfg(tiny_params, formulation=formulation, num_autoregressive_steps=0))
+def test_no_autoregressive_steps_is_the_former_loss_bit_for_bit(tiny_params, steps):
+    den = nonzero_denoiser(tiny_cfg(tiny_params, num_autoregressive_steps=0))
     seg = random_segment(3, steps, seed=5)
     seg.mask[0, :2] = False
     seg.mask[1, :] = False
