@@ -1,4 +1,4 @@
-"""Actor-critic losses (DESIGN 3.4) and the agent as a collector policy.
+"""Actor-critic losses (docs/architecture.md §3.4) and the agent as a collector policy.
 
 `imagination_loss` is the method: REINFORCE with a value baseline on lambda-returns of
 trajectories imagined by the world model, plus a value MSE and an entropy bonus.

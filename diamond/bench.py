@@ -14,7 +14,7 @@ Measures, in one process so that the figures are comparable:
   configured horizon and sampler, drawing real starts with a SegmentSampler from a small
   synthetic EpisodeStore, then the actor-critic's AdamW step), both at the same batch size;
 - `paper_run_hours`: the hours these three steps take over one run (one game, one seed) of the
-  config's schedule (DESIGN 3.5: the first epoch's D, R and actor-critic steps, then D, R and
+  config's schedule (docs/architecture.md §3.5: the first epoch's D, R and actor-critic steps, then D, R and
   actor-critic steps per epoch for every collecting epoch and every final epoch), split into
   `paper_run_hours_denoiser`, `_reward_end` and `_actor_critic`. Environment stepping
   (collection), evaluation, checkpointing and drawing the D and R batches from the dataset are
@@ -426,7 +426,7 @@ def bench_agent_steps(
 
 @dataclass(frozen=True)
 class RunSchedule:
-    """Optimiser steps of one run (one game, one seed; DESIGN 3.5) as diamond.loop counts them."""
+    """Optimiser steps of one run (one game, one seed; docs/architecture.md §3.5) as diamond.loop counts them."""
 
     initial_env_steps: int
     collect_epochs: int

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class EnvConfig:
-    """Atari 100k protocol (DESIGN 2)."""
+    """Atari 100k protocol (docs/architecture.md §2)."""
 
     frame_skip: int  # action repeat, max-pooled over the last two raw frames
     max_noops: int  # 1..max_noops random no-ops at reset
@@ -35,7 +35,7 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class CollectConfig:
-    """Initial collection with the uniform policy (DESIGN 3.5)."""
+    """Initial collection with the uniform policy (docs/architecture.md §3.5)."""
 
     min_steps: int
     max_steps: int
@@ -45,7 +45,7 @@ class CollectConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warm-up and gradient clipping (DESIGN 3.5)."""
+    """AdamW with linear warm-up and gradient clipping (docs/architecture.md §3.5)."""
 
     lr: float
     eps: float
@@ -56,7 +56,7 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class DenoiserConfig:
-    """EDM denoiser D and its U-Net F (DESIGN 3.2)."""
+    """EDM denoiser D and its U-Net F (docs/architecture.md §3.2)."""
 
     # "edm" (the paper) or "ddpm" (its section 5.1 ablation as the official `ddpm` branch does it:
     # epsilon prediction, offset noise, diffusers DDPMScheduler sampling; see diamond/ddpm.py).
@@ -90,7 +90,7 @@ class DenoiserConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Karras schedule and Euler/Heun solver (DESIGN 3.2). With denoiser formulation "ddpm" only
+    """Karras schedule and Euler/Heun solver (docs/architecture.md §3.2). With denoiser formulation "ddpm" only
     num_steps and quantize apply (diamond/ddpm.py, `DDPMSampler`)."""
 
     num_steps: int
@@ -110,7 +110,7 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class RewardEndConfig:
-    """Reward/termination model R (DESIGN 3.3)."""
+    """Reward/termination model R (docs/architecture.md §3.3)."""
 
     channels: list[int]
     depths: list[int]
@@ -143,7 +143,7 @@ class WorldModelConfig:
 
 @dataclass(frozen=True)
 class ActorCriticConfig:
-    """Actor-critic trained in imagination (DESIGN 3.4)."""
+    """Actor-critic trained in imagination (docs/architecture.md §3.4)."""
 
     channels: list[int]  # encoder channels per level (each level max-pools by 2)
     num_groups_channels: int  # GroupNorm group size in channels (32)
@@ -159,7 +159,7 @@ class ActorCriticConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """The epoch loop after the first world-model epoch (stage train-agent, DESIGN 3.5)."""
+    """The epoch loop after the first world-model epoch (stage train-agent, docs/architecture.md §3.5)."""
 
     total_env_steps: int  # real-interaction budget, initial collection included
     collect_steps_per_epoch: int

@@ -1,4 +1,4 @@
-"""Atari 100k environment (DESIGN 2).
+"""Atari 100k environment (docs/architecture.md §2).
 
 `make_env(game, seed, train, config)` gives a gymnasium environment over raw ALE frames
 (frameskip 1 at the ALE level, no sticky actions, minimal action set) with the Atari 100k

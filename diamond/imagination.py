@@ -1,4 +1,4 @@
-"""The world model as a batched environment for the actor-critic (DESIGN 3.4).
+"""The world model as a batched environment for the actor-critic (docs/architecture.md §3.4).
 
 Every trajectory starts from a real segment of the dataset: L real frames and the L-1 real
 actions between them. The reward/termination model's LSTM is warmed up on the L-1 real

@@ -1,4 +1,4 @@
-"""The DIAMOND epoch loop after the first world-model epoch (DESIGN 3.5), with whole-state resume.
+"""The DIAMOND epoch loop after the first world-model epoch (docs/architecture.md §3.5), with whole-state resume.
 
 Epoch 0 trains the actor-critic alone for `first_epoch_actor_critic_steps` (the first epoch's
 denoiser and reward/termination training is the `train-world-model` stage). Every later epoch

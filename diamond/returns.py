@@ -1,4 +1,4 @@
-"""Lambda-returns over a fixed window of (imagined or real) steps (DESIGN 3.4).
+"""Lambda-returns over a fixed window of (imagined or real) steps (docs/architecture.md §3.4).
 
 Step t of the window is the transition s_t --a_t--> s_{t+1} with reward r_t. Its flags say how
 the trajectory continues after it:

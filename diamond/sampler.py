@@ -1,4 +1,4 @@
-"""Sampling the next frame from the denoiser (DESIGN 3.2): Karras schedule, Euler/Heun, churn.
+"""Sampling the next frame from the denoiser (docs/architecture.md §3.2): Karras schedule, Euler/Heun, churn.
 
 The ODE is the variance-exploding probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma.
 Where it starts is `sampler.initial_noise`:

@@ -1,4 +1,4 @@
-"""Optimisation shared by the world model and the actor-critic (DESIGN 3.5).
+"""Optimisation shared by the world model and the actor-critic (docs/architecture.md §3.5).
 
 AdamW with a linear learning-rate warm-up and gradient-norm clipping, and a loop that draws
 segments from a sampler and steps a trainer on a loss function.

@@ -1,4 +1,4 @@
-"""Stage collect: the initial collection of DESIGN 3.5 for one game and one seed.
+"""Stage collect: the initial collection of docs/architecture.md §3.5 for one game and one seed.
 
 The uniform policy collects in chunks of `collect.chunk_steps` until the dataset holds at least
 `collect.min_steps` steps and `collect.min_minority_rewards` rewards outside the most frequent
@@ -49,7 +49,7 @@ def minority_rewards(reward_counts: dict[int, int]) -> int:
 def initial_collection(
     collector: Collector, c: CollectConfig, on_chunk: Callable[[int, int], None] | None = None
 ) -> tuple[str, list[EpisodeStats]]:
-    """Collect until the stopping rule of DESIGN 3.5 holds, then store the unfinished episode.
+    """Collect until the stopping rule of docs/architecture.md §3.5 holds, then store the unfinished episode.
 
     Returns why collection stopped and the stats of every stored episode.
     """
@@ -90,7 +90,7 @@ def statistics(game: str, seed: int, store: EpisodeStore, collector: Collector,
 
 
 def main() -> None:
-    parser = base_parser("Initial collection with the uniform policy (DESIGN 3.5).")
+    parser = base_parser("Initial collection with the uniform policy (docs/architecture.md §3.5).")
     parser.add_argument("--out-dataset", required=True, type=Path, help="episode store directory to write")
     parser.add_argument("--out-stats", required=True, type=Path, help="JSON of collection statistics to write")
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""Stage train-agent: the rest of DIAMOND's training loop (DESIGN 3.5) for one game and one seed.
+"""Stage train-agent: the rest of DIAMOND's training loop (docs/architecture.md §3.5) for one game and one seed.
 
 Starts from the `collect` dataset and the `train-world-model` checkpoint and runs the epoch loop
 of `diamond.loop` until the real-interaction budget is spent, then the final epochs. The whole
@@ -143,7 +143,7 @@ def write_outputs(run: AgentRun, args, wall_seconds: float) -> dict:
 
 
 def main() -> None:
-    parser = base_parser("Train the agent in imagination: DIAMOND's epoch loop (DESIGN 3.5).")
+    parser = base_parser("Train the agent in imagination: DIAMOND's epoch loop (docs/architecture.md §3.5).")
     parser.add_argument("--dataset", required=True, type=Path, help="initial dataset (stage collect)")
     parser.add_argument("--world-model", required=True, type=Path, help="world model checkpoint (stage train-world-model)")
     parser.add_argument("--out-checkpoint", required=True, type=Path)

@@ -1,4 +1,4 @@
-"""Stage train-world-model: the first epoch's world-model training (DESIGN 3.5) for one game/seed.
+"""Stage train-world-model: the first epoch's world-model training (docs/architecture.md §3.5) for one game/seed.
 
 Trains the denoiser D for `world_model.denoiser_steps` and the reward/termination model R for
 `world_model.reward_end_steps` (interleaved: one step of each per iteration until each has its
@@ -259,7 +259,9 @@ def run(args: Any, p: Params) -> None:
 
 
 def main() -> None:
-    parser = base_parser("Train the diffusion world model and reward/termination model (DESIGN 3.2, 3.3, 3.5).")
+    parser = base_parser(
+        "Train the diffusion world model and reward/termination model (docs/architecture.md §3.2, §3.3, §3.5)."
+    )
     parser.add_argument("--dataset", required=True, type=Path, help="episode store from the collect stage")
     parser.add_argument("--out-checkpoint", required=True, type=Path)
     parser.add_argument("--out-metrics", required=True, type=Path)

@@ -1,4 +1,4 @@
-"""Real experience: episodes, the on-disk episode store, and the segment sampler (DESIGN 3.1)."""
+"""Real experience: episodes, the on-disk episode store, and the segment sampler (docs/architecture.md §3.1)."""
 
 from diamond.data.episode import Episode
 from diamond.data.sampler import RECENCY_WEIGHTS, Segment, SegmentSampler, episode_weights

@@ -1,4 +1,4 @@
-"""One episode of real interaction (DESIGN 3.1)."""
+"""One episode of real interaction (docs/architecture.md §3.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Directory-backed episode store (DESIGN 3.1).
+"""Directory-backed episode store (docs/architecture.md §3.1).
 
 Layout of a store directory:
     manifest.json           game, num_actions, and per episode: file name, steps, size, sha256

@@ -1,4 +1,4 @@
-"""The world model's denoiser D (DESIGN 3.2): next frame given the last L frames and actions.
+"""The world model's denoiser D (docs/architecture.md §3.2): next frame given the last L frames and actions.
 
 Two formulations share the U-Net F (same parameters, same checkpoint layout):
 
