@@ -139,6 +139,13 @@ def train_steps(
     return metrics
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions on CUDA (official src/trainer.py sets the
+    matmul flag; PyTorch's cuDNN flag is on by default). Off: plain fp32 everywhere. CPU ignores both."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def set_memory_format(channels_last: bool, *models: nn.Module) -> None:
     """Move the models' 4-D weights to channels-last (NHWC) or back, in place.
 

@@ -41,7 +41,7 @@ from diamond.imagination import ImaginationEnv
 from diamond.io import atomic_write_json
 from diamond.loop import derived_seed
 from diamond.models.actor_critic import ActorCritic
-from diamond.training import compile_networks, set_memory_format
+from diamond.training import compile_networks, set_memory_format, set_tf32
 from diamond.world_model import load_world_model
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
 from stages.tracking import stage_run
@@ -101,7 +101,7 @@ def main() -> None:
 
     sections = {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "evaluate": p.evaluate,
                 "method_name": method, "channels_last": p.channels_last,
-                "compile_denoiser": p.compile_denoiser, "reuse_freed_memory": p.reuse_freed_memory}
+                "compile_denoiser": p.compile_denoiser, "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32}
     with stage_run("evaluate", sections=sections, game=game, seed=seed, inputs=[a for a in (args.agent, args.dataset) if a]):
         mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
         if "imported_from" in agent:
@@ -111,6 +111,7 @@ def main() -> None:
         ac.load_state_dict(agent["actor_critic"])
         ac.eval()
         wm = load_world_model(args.agent, device, cfg=p.world_model, ckpt=agent["world_model"])
+        set_tf32(p.tf32)
         set_memory_format(p.channels_last, wm.denoiser, wm.reward_end, ac)
         compile_networks(p.compile_denoiser, wm.denoiser.net)
         wm.denoiser.eval()

@@ -67,15 +67,15 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "collect": ["env", "collect"],
     # fidelity of the trained world model is measured here, on held-out real episodes
     "train-world-model": [
-        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "env", "world_model",
+        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "tf32", "env", "world_model",
         "evaluate.fidelity_episodes", "evaluate.fidelity_horizons", "evaluate.gif_frames",
     ],
     "train-agent": [
-        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "env", "world_model", "actor_critic",
+        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "tf32", "env", "world_model", "actor_critic",
         "agent",
     ],
     "evaluate": [
-        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "env", "world_model", "actor_critic",
+        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "tf32", "env", "world_model", "actor_critic",
         "evaluate", "aggregate.method_name",
     ],
     # games, seeds and released.games choose which score files enter the table
@@ -86,7 +86,7 @@ STAGE_PARAMS: dict[str, list[str]] = {
         "released.filename", "released.seed",
     ],
     "evaluate-released": [
-        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "env", "world_model", "actor_critic",
+        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "tf32", "env", "world_model", "actor_critic",
         "evaluate", "released.method_name", "released.seed",
     ],
 }

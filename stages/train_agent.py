@@ -36,7 +36,7 @@ from diamond.env import num_actions
 from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
 from diamond.loop import DATASET_DIR, STATE_FILE, AgentRun, load_state, saved_run_key, train
 from diamond.models.actor_critic import ActorCritic
-from diamond.training import Trainer, compile_networks, set_memory_format
+from diamond.training import Trainer, compile_networks, set_memory_format, set_tf32
 from diamond.world_model import load_world_model, world_model_state
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
 from stages.tracking import dvc_md5, stage_run
@@ -62,7 +62,7 @@ def sections(p: Params) -> dict:
     """The config this stage reads (and whose hash decides whether a saved state may resume)."""
     return {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "agent": p.agent,
             "channels_last": p.channels_last, "compile_denoiser": p.compile_denoiser,
-            "reuse_freed_memory": p.reuse_freed_memory}
+            "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32}
 
 
 def run_key(p: Params, game: str, seed: int, dataset: Path, world_model: Path, init_agent: Path | None = None) -> str:
@@ -88,6 +88,7 @@ def build_run(
     ac = ActorCritic(p.actor_critic, n, p.env.obs_size).to(device)
     if init_agent is not None:  # continue training an agent (e.g. imported official weights)
         ac.load_state_dict(read_agent_checkpoint(init_agent, game)["actor_critic"])
+    set_tf32(p.tf32)
     set_memory_format(p.channels_last, wm.denoiser, wm.reward_end, ac)
     compile_networks(p.compile_denoiser, wm.denoiser.net)
     return AgentRun(

@@ -37,7 +37,7 @@ from diamond.data import EpisodeStore, SegmentSampler
 from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
 from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json
 from diamond.models.reward_end import class_counts
-from diamond.training import compile_networks, set_memory_format
+from diamond.training import compile_networks, set_memory_format, set_tf32
 from diamond.world_model import WorldModel, build_world_model, load_world_model, read_checkpoint, save_world_model
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
 from stages.tracking import stage_run
@@ -205,13 +205,14 @@ def run(args: Any, p: Params) -> None:
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         curve, iteration = Curve(list(ckpt["curve"])), int(ckpt["iteration"])
         print(f"resumed from {path}: denoiser step {wm.denoiser_steps}, reward_end step {wm.reward_end_steps}")
+    set_tf32(p.tf32)
     set_memory_format(p.channels_last, wm.denoiser, wm.reward_end)
     compile_networks(p.compile_denoiser, wm.denoiser.net)
 
     # Only the evaluate keys this stage reads (the fidelity measurement), as in dvc.yaml's params.
     fidelity = {k: getattr(p.evaluate, k) for k in ("fidelity_episodes", "fidelity_horizons", "gif_frames")}
     sections = {"world_model": c, "env": p.env, "evaluate": fidelity, "channels_last": p.channels_last,
-                "compile_denoiser": p.compile_denoiser, "reuse_freed_memory": p.reuse_freed_memory}
+                "compile_denoiser": p.compile_denoiser, "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32}
     with stage_run("train-world-model", sections=sections, game=game, seed=seed, inputs=[args.dataset]):
         mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
         mlflow.log_params({"resumed_from_denoiser_step": wm.denoiser_steps, "resumed_from_reward_end_step": wm.reward_end_steps})

@@ -12,7 +12,7 @@ from diamond.models.actor_critic import ActorCritic
 from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
 from diamond.sampler import DiffusionSampler
-from diamond.training import Trainer, compile_networks, set_memory_format
+from diamond.training import Trainer, compile_networks, set_memory_format, set_tf32
 from conftest import tiny_params_dict
 from test_denoiser import random_segment
 
@@ -96,9 +96,30 @@ def test_compiled_denoiser_trains_and_samples_like_eager(tiny_params):
     assert compiled.net._compiled_call_impl is not None
 
 
-@pytest.mark.parametrize("key", ["channels_last", "compile_denoiser", "reuse_freed_memory"])
+@pytest.mark.parametrize("key", ["channels_last", "compile_denoiser", "reuse_freed_memory", "tf32"])
 def test_speed_switches_must_be_bools(key):
     d = tiny_params_dict()
     d[key] = "yes"
     with pytest.raises(ConfigError, match=key):
         params_from_dict(d)
+
+
+def test_tf32_switch_sets_both_cuda_flags():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for enabled in (True, False):
+            set_tf32(enabled)
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (enabled, enabled)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_restart_rows_keeps_the_running_state_dtype(tiny_params):
+    """Under autocast the burn-in may return another dtype; the state keeps its own (issue: bf16 crash)."""
+    torch.manual_seed(0)
+    ac = ActorCritic(tiny_params.actor_critic, 4, 16)
+    state = tuple(x.double() for x in ac.initial_state(3, "cpu"))
+    rows = torch.tensor([True, False, True])
+    context = torch.rand(2, 3, 3, 16, 16) * 2 - 1
+    h, c = ac.restart_rows(state, rows, context, torch.ones(2, 3, dtype=torch.bool))
+    assert h.dtype == c.dtype == torch.float64 and h[0].abs().sum() > 0 and h[1].abs().sum() == 0

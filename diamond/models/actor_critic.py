@@ -75,6 +75,8 @@ class ActorCritic(nn.Module):
         with torch.no_grad():
             warmed = self.burn_in(context_obs, context_mask)
         index = rows.nonzero().squeeze(-1)
-        # index_copy keeps the gradient path of the rows that continue.
-        return state[0].index_copy(0, index, warmed[0]), state[1].index_copy(0, index, warmed[1])
+        # index_copy keeps the gradient path of the rows that continue. Under autocast the
+        # burn-in's state may come out in another dtype than the running state: cast it.
+        h, c = (w.to(s.dtype) for w, s in zip(warmed, state))
+        return state[0].index_copy(0, index, h), state[1].index_copy(0, index, c)
 
