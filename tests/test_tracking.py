@@ -220,3 +220,19 @@ def test_lock_file_is_gitignored() -> None:
     """The store lock lives beside mlflow.db and must not show up as an untracked file."""
     out = subprocess.run(["git", "check-ignore", "-q", "mlflow.db-lock"], cwd=ROOT)
     assert out.returncode == 0
+
+
+def _collect(tmp_path: Path, uri: str) -> subprocess.CompletedProcess:
+    params = write_params(tmp_path / "params.yaml", tiny_params_dict())
+    cmd = [sys.executable, "-m", "stages.collect", "--params", str(params), "--game", "Breakout", "--seed", "0",
+           "--out-dataset", str(tmp_path / "out" / "dataset"), "--out-stats", str(tmp_path / "out" / "collect.json")]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_unreachable_tracking_server_fails_the_stage_at_once_in_one_line(tmp_path: Path) -> None:
+    done = _collect(tmp_path, "http://127.0.0.1:9")  # nothing listens on the discard port
+    lines = [x for x in done.stderr.strip().splitlines() if not x.startswith(("A.L.E:", "[Powered by"))]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("error: MLFLOW_TRACKING_URI http://127.0.0.1:9: no MLflow server answers")
+    assert not (tmp_path / "out").exists()  # no work done, nothing written
