@@ -67,6 +67,8 @@ R = {
     "evaluate": res(1, 4, 16_000, 12 * 60, gpu=True),
     "aggregate": res(1, 1, 4_000, 60),
     "import_released": res(1, 1, 8_000, 30),
+    "study": res(1, 8, 32_000, 24 * 60, gpu=True),
+    "study_report": res(1, 1, 4_000, 30),
 }
 
 
@@ -253,3 +255,76 @@ rule aggregate:
         "> {log} 2>&1"
         " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage aggregate --tool snakemake"
 
+
+# The world-model study (paper section 5.1; params `study`, diamond/study.py), its own product:
+# not part of `all`. `snakemake -j 2 study` trains and rolls out every variant x seed of
+# study.variants x study.seeds on the static store study.dataset, then writes reports/study/.
+# Study jobs live in study/{game}/{variant}-{seed}; the variant's definition reaches the stage
+# command (and the rerun-on-params digests) from the params file.
+STUDY = P["study"]
+STUDY_JOB = "study/{game}/{variant}-{seed}"
+STUDY_GAMES = pipeline.study_games(P)
+
+
+def study_variant(name):
+    return pipeline.study_variant(P, name)[1]
+
+
+rule study:
+    input:
+        [f"{pipeline.STUDY_REPORTS_DIR}/study_table.md" for _ in STUDY_GAMES],
+
+
+rule study_variant:
+    input:
+        dataset=STUDY["dataset"],
+        provenance=lambda w: pipeline.key_file(P, "study", pipeline.study_job(w.game, w.variant), int(w.seed)),
+    output:
+        checkpoint=STUDY_JOB + "/denoiser.pt",
+        errors=STUDY_JOB + "/errors.npz",
+        metrics=STUDY_JOB + "/metrics.json",
+    wildcard_constraints:
+        variant="[A-Za-z][A-Za-z0-9_-]*",
+    params:
+        formulation=lambda w: study_variant(w.variant)["formulation"],
+        num_steps=lambda w: study_variant(w.variant)["num_steps"],
+        out_dir=lambda w: pipeline.study_job_dir(w.game, w.variant, int(w.seed)),
+        **rerun_digests("study"),
+    log:
+        "logs/study/{game}-{variant}-{seed}.log",
+    threads: R["study"]["threads"]
+    resources:
+        mem_mb=R["study"]["mem_mb"],
+        runtime=R["study"]["runtime"],
+        gpu=R["study"]["gpu"],
+    shell:
+        "OMP_NUM_THREADS={threads} {PY} -m stages.study " + ARGS + " --variant {wildcards.variant} "
+        "--formulation {params.formulation} --num-steps {params.num_steps} --out-dir {params.out_dir} > {log} 2>&1"
+        " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage study --game {wildcards.game} --variant {wildcards.variant} --seed {wildcards.seed} --tool snakemake"
+
+
+rule study_report:
+    input:
+        # evaluated only when the report is asked for, so only when study.games names a game
+        errors=lambda w: [pipeline.study_job_dir(g, v, s) + "/errors.npz" for g, v, s in pipeline.study_jobs(P)],
+        provenance=lambda w: pipeline.key_file(P, "study-report", STUDY_GAMES[0]),
+    output:
+        table=pipeline.STUDY_REPORTS_DIR + "/study_table.md",
+        csv=pipeline.STUDY_REPORTS_DIR + "/study_table.csv",
+        json=pipeline.STUDY_REPORTS_DIR + "/study.json",
+        curve=pipeline.STUDY_REPORTS_DIR + "/study_error_vs_horizon.png",
+        frames=pipeline.STUDY_REPORTS_DIR + "/study_frames.png",
+    params:
+        game=lambda w: STUDY_GAMES[0],
+        **rerun_digests("study-report"),
+    log:
+        "logs/study_report.log",
+    threads: R["study_report"]["threads"]
+    resources:
+        mem_mb=R["study_report"]["mem_mb"],
+        runtime=R["study_report"]["runtime"],
+        gpu=R["study_report"]["gpu"],
+    shell:
+        "{PY} -m stages.study_report --params {PARAMS_FILE} --game {params.game} --jobs-dir study/{params.game} "
+        "--out " + pipeline.STUDY_REPORTS_DIR + " > {log} 2>&1"
+        " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage study-report --game {params.game} --tool snakemake"

@@ -231,6 +231,36 @@ class AggregateConfig:
 
 
 @dataclass(frozen=True)
+class StudyVariant:
+    """One world-model variant of the study: a denoiser formulation and its number of sampling steps."""
+
+    name: str  # in stage names, paths and tables: letters, digits, '_' and '-'
+    formulation: str  # "edm" or "ddpm" (world_model.denoiser.formulation)
+    num_steps: int  # denoising steps per generated frame (world_model.sampler.num_steps)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The paper's section 5.1 world-model study (stages study and study-report, diamond/study.py):
+    each variant's denoiser trained on one static episode store with the same budget, then rolled
+    out open loop on held-out episodes of that store."""
+
+    # [] (no study stages) or [GAME], the game of `dataset`: DVC cannot make a stage conditional,
+    # but an empty matrix/foreach generates none, so this list switches the study on and off.
+    games: list[str]
+    dataset: str  # path of the static episode store, e.g. runs/Breakout-0/dataset (train-agent's)
+    variants: list[StudyVariant]
+    seeds: list[int]
+    denoiser_steps: int  # training budget of every variant and seed
+    heldout_episodes: int  # the store's last finished episodes, kept out of training
+    rollouts_per_episode: int  # open-loop starts per held-out episode, evenly spread
+    horizons: list[int]  # steps after the last real frame reported in the table and frame strip
+    bootstrap_reps: int
+    bootstrap_seed: int
+    confidence: float
+
+
+@dataclass(frozen=True)
 class Params:
     games: list[str]
     seeds: list[int]
@@ -247,6 +277,7 @@ class Params:
     evaluate: EvaluateConfig
     aggregate: AggregateConfig
     released: ReleasedConfig
+    study: StudyConfig
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -365,10 +396,49 @@ def _validate(p: Params) -> None:
         raise ConfigError(
             f"world_model.denoiser.num_autoregressive_steps: {p.world_model.denoiser.num_autoregressive_steps} must be >= 0"
         )
+    _validate_study(p.study, p.world_model.denoiser.ddpm_num_timesteps, ATARI_100K_GAMES)
     if p.collect.min_steps > p.collect.max_steps:
         raise ConfigError(
             f"collect.min_steps ({p.collect.min_steps}) must not exceed collect.max_steps ({p.collect.max_steps})"
         )
+
+
+STUDY_FORMULATIONS = ("edm", "ddpm")
+VARIANT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def validate_variant(v: StudyVariant, ddpm_num_timesteps: int, where: str) -> None:
+    """One study variant (also checked by the study stage, which takes it on its command line)."""
+    if not v.name or not v.name[0].isalpha() or not set(v.name) <= VARIANT_NAME_CHARS:
+        raise ConfigError(f"{where}.name: {v.name!r} must start with a letter and hold only letters, digits, '_' and '-'")
+    if v.formulation not in STUDY_FORMULATIONS:
+        raise ConfigError(f"{where}.formulation: {v.formulation!r} is not one of {', '.join(map(repr, STUDY_FORMULATIONS))}")
+    top = ddpm_num_timesteps if v.formulation == "ddpm" else None
+    if v.num_steps < 1 or (top is not None and v.num_steps > top):
+        allowed = f"[1, {top}] (world_model.denoiser.ddpm_num_timesteps)" if top is not None else ">= 1"
+        raise ConfigError(f"{where}.num_steps: {v.num_steps} must be {allowed}")
+
+
+def _validate_study(s: StudyConfig, ddpm_num_timesteps: int, games: tuple[str, ...] | list[str]) -> None:
+    if len(s.games) > 1:
+        raise ConfigError(f"study.games: {s.games} holds more than one game; study.dataset is one game's episode store")
+    for g in s.games:
+        if g not in games:
+            raise ConfigError(f"study.games: unknown game {g!r}; allowed: {', '.join(games)}")
+    for i, v in enumerate(s.variants):
+        validate_variant(v, ddpm_num_timesteps, f"study.variants[{i}]")
+    names = [v.name for v in s.variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"study.variants: names {names} must be unique")
+    if s.games and not (s.variants and s.seeds):
+        raise ConfigError("study.variants and study.seeds must both be non-empty when study.games names a game")
+    for key in ("denoiser_steps", "heldout_episodes", "rollouts_per_episode", "bootstrap_reps"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"study.{key}: {getattr(s, key)} must be >= 1")
+    if not s.horizons or min(s.horizons) < 1 or sorted(set(s.horizons)) != s.horizons:
+        raise ConfigError(f"study.horizons: {s.horizons} must be a non-empty increasing list of integers >= 1")
+    if not 0 < s.confidence < 1:
+        raise ConfigError(f"study.confidence: {s.confidence} must be in (0, 1)")
 
 
 def params_from_dict(data: Any) -> Params:

@@ -73,14 +73,32 @@ def to_uint8(frames: Tensor) -> np.ndarray:
     return ((frames.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
 
 
-def rollout_windows(episodes: list[Episode], context: int, horizon: int) -> dict[str, np.ndarray]:
+def rollout_starts(num_steps: int, context: int, horizon: int, starts_per_episode: int | None = None) -> list[int]:
+    """Steps t0 (the last real frame given) where the rollouts of one episode start.
+
+    By default every H steps, at most MAX_ROLLOUTS_PER_EPISODE of them evenly spread. With
+    `starts_per_episode` (the world-model study), that many evenly spread over every possible
+    start, so short horizons get many rollouts and the first still reaches as far as the episode
+    allows."""
+    if starts_per_episode is None:
+        starts = list(range(context - 1, num_steps, horizon))
+        count = MAX_ROLLOUTS_PER_EPISODE
+    else:
+        starts = list(range(context - 1, num_steps))
+        count = starts_per_episode
+    if len(starts) > count:
+        starts = [starts[i] for i in np.unique(np.linspace(0, len(starts) - 1, count).round().astype(int))]
+    return starts
+
+
+def rollout_windows(
+    episodes: list[Episode], context: int, horizon: int, starts_per_episode: int | None = None
+) -> dict[str, np.ndarray]:
     """Real data of every open-loop rollout: L + H frames, L + H - 1 actions, validity (B, H)."""
     frames, actions, valid = [], [], []
     for ep in episodes:
         T = ep.num_steps
-        starts = list(range(context - 1, T, horizon))  # t0: the last real frame given
-        if len(starts) > MAX_ROLLOUTS_PER_EPISODE:
-            starts = [starts[i] for i in np.linspace(0, len(starts) - 1, MAX_ROLLOUTS_PER_EPISODE).round().astype(int)]
+        starts = rollout_starts(T, context, horizon, starts_per_episode)
         for t0 in starts:
             lo = t0 - context + 1
             n_future = min(horizon, T - t0)  # real frames after t0 within the episode
@@ -98,14 +116,25 @@ def rollout_windows(episodes: list[Episode], context: int, horizon: int) -> dict
 
 @torch.no_grad()
 def imagine_open_loop(
-    sampler: DiffusionSampler, frames: Tensor, actions: Tensor, context: int, horizon: int, generator: torch.Generator | None
+    sampler: DiffusionSampler, frames: Tensor, actions: Tensor, context: int, horizon: int,
+    generator: torch.Generator | None, valid: Tensor | None = None,
 ) -> Tensor:
     """frames (B, L + H, 3, h, w) of which only the first L are read; actions (B, L + H - 1).
-    Returns the H imagined frames (B, H, 3, h, w)."""
+    Returns the H imagined frames (B, H, 3, h, w).
+
+    With `valid` (B, H) bool (a prefix of True per row, as `rollout_windows` gives), only the rows
+    still inside their episode are generated at each step, and the others' frames are zeros: the
+    study's 1000-step horizons would otherwise spend most of their time past the episodes' ends."""
     obs, act = frames[:, :context], actions[:, :context]
     imagined = []
     for k in range(horizon):
-        nxt = sampler.sample(obs, act, generator)
+        if valid is None:
+            nxt = sampler.sample(obs, act, generator)
+        else:
+            rows = valid[:, k].nonzero().squeeze(1)
+            nxt = torch.zeros_like(obs[:, -1])
+            if len(rows):
+                nxt[rows] = sampler.sample(obs[rows], act[rows], generator)
         imagined.append(nxt)
         obs = torch.cat([obs[:, 1:], nxt[:, None]], dim=1)
         if k + 1 < horizon:

@@ -40,9 +40,7 @@ class WorldModel:
 
     @property
     def sampler(self) -> DiffusionSampler | DDPMSampler:
-        """The denoiser's sampler: EDM's ODE solver, or the official ddpm branch's DDPM sampler."""
-        kind = DiffusionSampler if self.cfg.denoiser.formulation == "edm" else DDPMSampler
-        return kind(self.denoiser, self.cfg.sampler, quantization=self.cfg.denoiser.quantization)
+        return make_sampler(self.denoiser, self.cfg)
 
     @property
     def denoiser_steps(self) -> int:
@@ -57,6 +55,12 @@ class WorldModel:
             "denoiser": sum(p.numel() for p in self.denoiser.parameters()),
             "reward_end": sum(p.numel() for p in self.reward_end.parameters()),
         }
+
+
+def make_sampler(denoiser: Denoiser, cfg: WorldModelConfig) -> DiffusionSampler | DDPMSampler:
+    """The denoiser's sampler: EDM's ODE solver, or the official ddpm branch's DDPM sampler."""
+    kind = DiffusionSampler if cfg.denoiser.formulation == "edm" else DDPMSampler
+    return kind(denoiser, cfg.sampler, quantization=cfg.denoiser.quantization)
 
 
 def architecture_hash(cfg: WorldModelConfig) -> str:

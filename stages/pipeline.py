@@ -22,6 +22,7 @@ Command line, used by dvc.yaml (DVC templating has no cartesian product) and the
 
     python -m stages.pipeline score-files --params params.yaml   # runs/G-S/score.json ...
     python -m stages.pipeline done --params params.yaml --stage evaluate --game G --seed S --tool dvc
+    python -m stages.pipeline done --params params.yaml --stage study --game G --variant V --seed S --tool dvc
     python -m stages.pipeline stale --params params.yaml         # the stale jobs, one per line
 
 It imports only the standard library and PyYAML: the Snakefile loads it on every invocation.
@@ -59,6 +60,10 @@ STAGE_MODULES: dict[str, str] = {
     # the authors' released agents, per game of released.games: the same evaluate code
     "import-released": "stages.import_released",
     "evaluate-released": "stages.evaluate",
+    # the world-model study (paper section 5.1), its own product: per study game, variant and
+    # seed, then one report per game; in neither `aggregate` nor the Snakefile's `all`
+    "study": "stages.study",
+    "study-report": "stages.study_report",
 }
 
 # The params keys each stage reads (dotted keys for parts of a section). Changing any other
@@ -89,6 +94,14 @@ STAGE_PARAMS: dict[str, list[str]] = {
         "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "tf32", "env", "world_model", "actor_critic",
         "evaluate", "released.method_name", "released.seed",
     ],
+    # not study.variants nor study.seeds: the job's variant comes on its command line, so that
+    # adding a variant or a seed reruns no other job
+    "study": [
+        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "world_model.denoiser",
+        "world_model.sampler", "world_model.denoiser_optimizer", "world_model.batch_size", "study.dataset",
+        "study.denoiser_steps", "study.heldout_episodes", "study.rollouts_per_episode", "study.horizons",
+    ],
+    "study-report": ["study"],
 }
 
 # Data files read by a stage besides code and params.
@@ -99,7 +112,7 @@ STAGE_DATA: dict[str, list[str]] = {"aggregate": ["diamond/reference_data"]}
 PRIMARY_OUTPUT: dict[str, str] = {
     "collect": "dataset_initial", "train-world-model": "world_model.pt", "train-agent": "agent.pt",
     "evaluate": "score.json", "import-released": "agent.pt", "evaluate-released": "score.json",
-    "aggregate": "atari100k_table.md",
+    "aggregate": "atari100k_table.md", "study": "metrics.json", "study-report": "study_table.md",
 }
 # Every output of a job (the Snakefile's rule outputs), relative to the job's directory.
 STAGE_OUTPUTS: dict[str, list[str]] = {
@@ -111,8 +124,12 @@ STAGE_OUTPUTS: dict[str, list[str]] = {
     "evaluate-released": ["score.json", "evaluate_fidelity.json", "evaluate_media"],
     "aggregate": ["atari100k_table.md", "atari100k_table.csv", "atari100k_table.tex", "atari100k_aggregate.json",
                   "released_vs_paper.md"],
+    "study": ["denoiser.pt", "errors.npz", "metrics.json"],
+    "study-report": ["study_table.md", "study_table.csv", "study.json", "study_error_vs_horizon.png", "study_frames.png"],
 }
 PROVENANCE_DIR = ".provenance"
+STUDY_DIR = "study"  # study jobs' outputs: study/G/VARIANT-S (outside runs/, which `aggregate` depends on)
+STUDY_REPORTS_DIR = f"{REPORTS_DIR}/study"
 DVC_PARAMS_FILE = "params.yaml"  # the params file dvc.yaml's stages read
 
 
@@ -145,6 +162,35 @@ def score_files(params: dict[str, Any]) -> list[str]:
     return [f"{run_dir(g, s)}/score.json" for g, s in runs(params)] + [
         f"{released_dir(g)}/score.json" for g in released_games(params)
     ]
+
+
+def study_games(params: dict[str, Any]) -> list[str]:
+    return [str(g) for g in params.get("study", {}).get("games", [])]
+
+
+def study_job(game: str, variant: str) -> str:
+    """A study job's `game` in (stage, game, seed): GAME/VARIANT, which is also its directory
+    under study/ (the variant is a third coordinate that the other stages do not have)."""
+    return f"{game}/{variant}"
+
+
+def study_variant(params: dict[str, Any], variant: str) -> tuple[int, dict[str, Any]]:
+    """Index and definition of a variant of `study.variants`, by name."""
+    for i, v in enumerate(params["study"]["variants"]):
+        if v["name"] == variant:
+            return i, v
+    names = [v["name"] for v in params["study"]["variants"]]
+    raise KeyError(f"study variant {variant!r} not in study.variants; allowed: {', '.join(names)}")
+
+
+def study_jobs(params: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(game, variant, seed) of every study job."""
+    s = params.get("study", {})
+    return [(g, v["name"], int(seed)) for g in study_games(params) for v in s["variants"] for seed in s["seeds"]]
+
+
+def study_job_dir(game: str, variant: str, seed: int) -> str:
+    return f"{STUDY_DIR}/{study_job(game, variant)}-{seed}"
 
 
 def param_value(params: dict[str, Any], key: str) -> Any:
@@ -238,13 +284,31 @@ def upstream(params: dict[str, Any], stage: str, game: str | None, seed: int | N
         return [("import-released", game, None)]
     if stage == "aggregate":
         return [("evaluate", g, s) for g, s in runs(params)] + [("evaluate-released", g, None) for g in released_games(params)]
+    if stage == "study":
+        return dataset_producer(params)
+    if stage == "study-report":
+        return [("study", study_job(g, v), s) for g, v, s in study_jobs(params) if g == game]
     raise KeyError(f"unknown stage {stage!r}; allowed: {', '.join(STAGE_MODULES)}")
 
 
+def dataset_producer(params: dict[str, Any]) -> list[Job]:
+    """The job of this params file that writes `study.dataset`, if one does (else it is an
+    imported or earlier store, versioned by its own hash)."""
+    path = Path(params["study"]["dataset"]).as_posix().rstrip("/")
+    for g, s in runs(params):
+        for stage, name in (("train-agent", "dataset"), ("collect", "dataset_initial")):
+            if path == f"{run_dir(g, s)}/{name}":
+                return [(stage, g, s)]
+    return []
+
+
 def stage_key(params: dict[str, Any], stage: str, game: str | None = None, seed: int | None = None) -> str:
-    """What a job's outputs depend on: its params keys, its source files, its upstream jobs' keys."""
+    """What a job's outputs depend on: its params keys, its source files, its upstream jobs' keys
+    (and a study job's variant definition, which comes on its command line)."""
     h = hashlib.sha256(f"{stage}\0{game}\0{seed}\0".encode())
     h.update(params_digest(params, stage).encode() + code_digest(stage).encode())
+    if stage == "study":
+        h.update(json.dumps(study_variant(params, str(game).split("/", 1)[1])[1], sort_keys=True).encode())
     for job in upstream(params, stage, game, seed):
         h.update(stage_key(params, *job).encode())
     return h.hexdigest()[:16]
@@ -253,6 +317,10 @@ def stage_key(params: dict[str, Any], stage: str, game: str | None = None, seed:
 def job_dir(stage: str, game: str | None, seed: int | None) -> str:
     if stage == "aggregate":
         return REPORTS_DIR
+    if stage == "study":
+        return f"{STUDY_DIR}/{game}-{seed}"
+    if stage == "study-report":
+        return STUDY_REPORTS_DIR
     return released_dir(str(game)) if stage in ("import-released", "evaluate-released") else run_dir(str(game), int(seed))
 
 
@@ -304,12 +372,19 @@ def all_jobs(params: dict[str, Any]) -> list[Job]:
     per_run = ("collect", "train-world-model", "train-agent", "evaluate")
     jobs: list[Job] = [(st, g, s) for g, s in runs(params) for st in per_run]
     jobs += [(st, g, None) for g in released_games(params) for st in ("import-released", "evaluate-released")]
+    jobs += [("study", study_job(g, v), s) for g, v, s in study_jobs(params)]
+    jobs += [("study-report", g, None) for g in study_games(params)]
     return jobs + [("aggregate", None, None)]
 
 
-def dvc_stage_name(stage: str, game: str | None, seed: int | None) -> str:
+def dvc_stage_name(stage: str, game: str | None, seed: int | None, params: dict[str, Any] | None = None) -> str:
     if stage == "aggregate":
         return stage
+    if stage == "study":
+        # DVC names a matrix entry that is a mapping by its index: study@G-variantI-S
+        g, variant = str(game).split("/", 1)
+        index = study_variant(params, variant)[0] if params is not None else variant
+        return f"study@{g}-variant{index}-{seed}"
     return f"{stage}@{game}" if seed is None else f"{stage}@{game}-{seed}"
 
 
@@ -333,7 +408,7 @@ def record_done(params_file: str, stage: str, game: str | None, seed: int | None
     os.utime(key, (0, 0))
     same_file = Path(params_file).resolve() == (ROOT / DVC_PARAMS_FILE).resolve()
     if tool == "snakemake" and same_file and (ROOT / ".dvc").is_dir():
-        dvc_commit(dvc_stage_name(stage, game, seed))
+        dvc_commit(dvc_stage_name(stage, game, seed, params))
     if tool != "snakemake" and Path(".snakemake", "metadata").is_dir():
         forget_snakemake_record(stage, game, seed)
     return path
@@ -374,6 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     dn.add_argument("--stage", required=True, choices=sorted(STAGE_MODULES))
     dn.add_argument("--game")
     dn.add_argument("--seed", type=int)
+    dn.add_argument("--variant", help="study jobs: the variant's name")
     dn.add_argument("--tool", required=True, choices=["dvc", "snakemake", "manual"])
     st = sub.add_parser("stale", help="jobs whose outputs the current params and code did not produce")
     st.add_argument("--params", default=DVC_PARAMS_FILE)
@@ -383,12 +459,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "code-files":
         print("\n".join(stage_code_files(args.stage)))
     elif args.command == "done":
-        record_done(args.params, args.stage, args.game, args.seed, args.tool)
+        game = study_job(args.game, args.variant) if args.stage == "study" else args.game
+        record_done(args.params, args.stage, game, args.seed, args.tool)
     else:
         params = load_raw(args.params)
         for job in all_jobs(params):
             if (why := stale_reason(params, *job)) is not None:
-                print(f"{dvc_stage_name(*job)}: {why}")
+                print(f"{dvc_stage_name(*job, params)}: {why}")
 
 
 if __name__ == "__main__":
