@@ -97,7 +97,7 @@ STAGE_PARAMS: dict[str, list[str]] = {
     # not study.variants nor study.seeds: the job's variant comes on its command line, so that
     # adding a variant or a seed reruns no other job
     "study": [
-        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "world_model.denoiser",
+        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "tf32", "world_model.denoiser",
         "world_model.sampler", "world_model.denoiser_optimizer", "world_model.batch_size", "study.dataset",
         "study.denoiser_steps", "study.heldout_episodes", "study.rollouts_per_episode", "study.horizons",
     ],

@@ -26,7 +26,7 @@ from diamond.data import EpisodeStore
 from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
 from diamond.study import (EpisodeSubset, ROLLOUT_STREAM, errors_npz, heldout_split, horizon_summary, open_loop_errors,
                            train_denoiser, variant_config)
-from diamond.training import compile_networks, set_memory_format
+from diamond.training import compile_networks, set_memory_format, set_tf32
 from diamond.world_model import make_sampler
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
 from stages.tracking import stage_run
@@ -52,7 +52,7 @@ def sections(p: Params) -> dict[str, Any]:
     wm = p.world_model
     return {
         "device": p.device, "channels_last": p.channels_last, "compile_denoiser": p.compile_denoiser,
-        "reuse_freed_memory": p.reuse_freed_memory,
+        "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32,
         "world_model": {"denoiser": to_dict(wm.denoiser), "sampler": to_dict(wm.sampler),
                         "denoiser_optimizer": to_dict(wm.denoiser_optimizer), "batch_size": wm.batch_size},
         "study": {k: getattr(p.study, k) for k in ("dataset", "denoiser_steps", "heldout_episodes", "rollouts_per_episode", "horizons")},
@@ -73,6 +73,7 @@ def run(args: Any, p: Params) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     def prepare(net: torch.nn.Module) -> None:
+        set_tf32(p.tf32)
         set_memory_format(p.channels_last, net)
         compile_networks(p.compile_denoiser, net.net)
 
