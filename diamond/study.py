@@ -97,7 +97,9 @@ def train_denoiser(
     if prepare is not None:
         prepare(denoiser)
     trainer = Trainer(denoiser, cfg.denoiser_optimizer)
-    segments = SegmentSampler(episodes, np.random.default_rng([seed, SEGMENT_STREAM]))  # type: ignore[arg-type]
+    # A static dataset has no recency: every step equally likely, as the official trainer samples
+    # one (config/trainer.yaml static_dataset.ignore_sample_weights: True).
+    segments = SegmentSampler(episodes, np.random.default_rng([seed, SEGMENT_STREAM]), weights=None)  # type: ignore[arg-type]
     denoiser.train()
     for step in range(steps):
         seg = segments.sample(cfg.batch_size, cfg.denoiser.training_segment_steps).to_torch(device)

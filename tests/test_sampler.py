@@ -129,3 +129,10 @@ def test_empty_store_and_bad_sizes(tmp_path):
     store.append(numbered_episode(0, 2))
     with pytest.raises(ValueError, match=r"batch_size \(0\)"):
         SegmentSampler(store, np.random.default_rng(0)).sample(0, 2)
+
+
+def test_no_weights_make_every_step_equally_likely():
+    """The official static-dataset mode (ignore_sample_weights): episodes drawn by length."""
+    lengths = np.array([10, 30, 60, 100])
+    np.testing.assert_allclose(episode_weights(lengths, None), lengths / lengths.sum())
+    assert not np.allclose(episode_weights(lengths), lengths / lengths.sum())

@@ -40,16 +40,17 @@ class Segment:
         return Segment(**out)
 
 
-def episode_weights(lengths: np.ndarray, weights: tuple[float, ...] = RECENCY_WEIGHTS) -> np.ndarray:
+def episode_weights(lengths: np.ndarray, weights: tuple[float, ...] | None = RECENCY_WEIGHTS) -> np.ndarray:
     """Probability of drawing each episode (official src/data/batch_sampler.py).
 
     With k = len(weights) and n >= k episodes: k chronological groups of n//k episodes, the last
     also taking the n%k remaining (newest) ones; group g has weight weights[g], split equally
-    among its episodes. With fewer than k episodes: proportional to episode length (every step
+    among its episodes. With fewer than k episodes, or no weights (the official static-dataset
+    mode, `static_dataset.ignore_sample_weights`): proportional to episode length (every step
     equally likely).
     """
-    n, k = len(lengths), len(weights)
-    if n < k:
+    n, k = len(lengths), len(weights or ())
+    if weights is None or n < k:
         lengths = lengths.astype(np.float64)
         return lengths / lengths.sum()
     sizes = [n // k] * (k - 1) + [n // k + n % k]
@@ -60,8 +61,9 @@ def episode_weights(lengths: np.ndarray, weights: tuple[float, ...] = RECENCY_WE
 class SegmentSampler:
     """Draws batches of fixed-length segments from a (possibly growing) episode store."""
 
-    def __init__(self, store: EpisodeStore, rng: np.random.Generator) -> None:
-        self.store, self.rng = store, rng
+    def __init__(self, store: EpisodeStore, rng: np.random.Generator,
+                 weights: tuple[float, ...] | None = RECENCY_WEIGHTS) -> None:
+        self.store, self.rng, self.weights = store, rng, weights
 
     def sample(self, batch_size: int, num_steps: int) -> Segment:
         if len(self.store) == 0:
@@ -69,7 +71,7 @@ class SegmentSampler:
         if batch_size < 1 or num_steps < 1:
             raise ValueError(f"batch_size ({batch_size}) and num_steps ({num_steps}) must be >= 1")
         lengths = self.store.lengths
-        episodes = self.rng.choice(len(lengths), size=batch_size, p=episode_weights(lengths))
+        episodes = self.rng.choice(len(lengths), size=batch_size, p=episode_weights(lengths, self.weights))
         ends = (self.rng.random(batch_size) * lengths[episodes]).astype(np.int64)
         first = self.store[int(episodes[0])]
         _, c, h, w = first.obs.shape
