@@ -397,10 +397,63 @@ def _validate(p: Params) -> None:
             f"world_model.denoiser.num_autoregressive_steps: {p.world_model.denoiser.num_autoregressive_steps} must be >= 0"
         )
     _validate_study(p.study, p.world_model.denoiser.ddpm_num_timesteps, ATARI_100K_GAMES)
+    _validate_ranges(p)
     if p.collect.min_steps > p.collect.max_steps:
         raise ConfigError(
             f"collect.min_steps ({p.collect.min_steps}) must not exceed collect.max_steps ({p.collect.max_steps})"
         )
+
+
+_POSITIVE_INT = (lambda v: v >= 1, "must be >= 1")
+_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_UNIT_INTERVAL = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_POSITIVE_INTS = (lambda v: len(v) > 0 and all(x >= 1 for x in v), "must be a non-empty list of integers >= 1")
+_NON_EMPTY = (lambda v: len(v) > 0, "must not be empty")
+
+# Ranges of the model and optimiser keys, checked when params load so that a bad value fails
+# before `collect` runs, not at the stage that first reads it (scripts/bad_input_campaign.py).
+RANGE_RULES: list[tuple[str, tuple[Any, str]]] = [
+    ("world_model.denoiser.num_conditioning_frames", (lambda v: v >= 2, "must be >= 2 (a context holds a real transition)")),
+    *[(f"world_model.denoiser.{k}", _POSITIVE_INT) for k in ("cond_channels", "num_groups_channels", "ddpm_num_timesteps")],
+    ("world_model.denoiser.channels", _POSITIVE_INTS), ("world_model.denoiser.depths", _POSITIVE_INTS),
+    ("world_model.denoiser.attention", _NON_EMPTY),
+    *[(f"world_model.denoiser.{k}", _POSITIVE) for k in ("sigma_data", "train_log_sigma_scale", "train_sigma_min", "train_sigma_max")],
+    ("world_model.denoiser.sigma_offset_noise", _NON_NEGATIVE),
+    ("world_model.sampler.num_steps", _POSITIVE_INT),
+    *[(f"world_model.sampler.{k}", _POSITIVE) for k in ("sigma_min", "sigma_max", "rho")],
+    *[(f"world_model.sampler.{k}", _NON_NEGATIVE) for k in ("s_churn", "s_tmin", "s_tmax", "s_noise")],
+    ("world_model.reward_end.channels", _POSITIVE_INTS), ("world_model.reward_end.depths", _POSITIVE_INTS),
+    *[(f"world_model.reward_end.{k}", _POSITIVE_INT) for k in ("cond_channels", "num_groups_channels", "lstm_dim")],
+    ("actor_critic.channels", _POSITIVE_INTS),
+    *[(f"actor_critic.{k}", _POSITIVE_INT) for k in ("num_groups_channels", "lstm_dim", "horizon", "batch_size")],
+    ("actor_critic.gamma", _UNIT_INTERVAL), ("actor_critic.lambda", _UNIT_INTERVAL),
+    ("actor_critic.entropy_weight", _NON_NEGATIVE), ("actor_critic.value_loss_weight", _NON_NEGATIVE),
+    *[(f"{opt}.{k}", rule) for opt in ("world_model.denoiser_optimizer", "world_model.reward_end_optimizer", "actor_critic.optimizer")
+      for k, rule in (("lr", _POSITIVE), ("eps", _POSITIVE), ("weight_decay", _NON_NEGATIVE),
+                      ("warmup_steps", _NON_NEGATIVE), ("max_grad_norm", _POSITIVE))],
+    # seeds of numpy/torch generators are non-negative
+    ("seeds", (lambda v: all(x >= 0 for x in v), "must be integers >= 0")),
+    *[(k, _NON_NEGATIVE) for k in ("aggregate.bootstrap_seed", "released.seed", "study.bootstrap_seed")],
+]
+
+
+def _validate_ranges(p: Params) -> None:
+    data = to_dict(p)
+    for key, (ok, allowed) in RANGE_RULES:
+        value: Any = data
+        for part in key.split("."):
+            value = value[part]
+        if not ok(value):
+            raise ConfigError(f"{key}: {value!r} {allowed}")
+    den = p.world_model.denoiser
+    if not len(den.channels) == len(den.depths) == len(den.attention):
+        raise ConfigError(f"world_model.denoiser: channels {den.channels}, depths {den.depths} and attention "
+                          f"{den.attention} must have one entry per level")
+    for where, lo, hi in (("world_model.denoiser.train_sigma", den.train_sigma_min, den.train_sigma_max),
+                          ("world_model.sampler.sigma", p.world_model.sampler.sigma_min, p.world_model.sampler.sigma_max)):
+        if lo > hi:
+            raise ConfigError(f"{where}_min ({lo}) must not exceed {where}_max ({hi})")
 
 
 STUDY_FORMULATIONS = ("edm", "ddpm")
