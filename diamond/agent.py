@@ -142,9 +142,15 @@ class AgentPolicy:
         if self.state is None:
             self.state = self.ac.initial_state(1, self.device)
         logits, _, self.state = self.ac(x, self.state)
-        # Draw both numbers every step so the random stream does not depend on the branch taken.
-        explore, u = self.rng.random(2)
-        if explore < self.epsilon:
-            return int(self.rng.integers(self.ac.num_actions))
-        cdf = torch.softmax(logits[0].double() / self.temperature, dim=-1).cumsum(0).cpu().numpy()
-        return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), self.ac.num_actions - 1))
+        return sample_action(logits[0].double().cpu() / self.temperature, self.epsilon, self.rng)
+
+
+def sample_action(logits: torch.Tensor, epsilon: float, rng: np.random.Generator) -> int:
+    """One action from float64 CPU `logits` (A,): uniform with probability epsilon, else from the softmax.
+
+    Both random numbers are drawn every step, so the random stream does not depend on the branch taken."""
+    explore, u = rng.random(2)
+    if explore < epsilon:
+        return int(rng.integers(logits.shape[0]))
+    cdf = torch.softmax(logits, dim=-1).cumsum(0).numpy()
+    return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), logits.shape[0] - 1))

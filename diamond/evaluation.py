@@ -19,6 +19,7 @@ import imageio.v2 as imageio
 import numpy as np
 import torch
 
+from diamond.agent import sample_action
 from diamond.collector import Policy, chw, run_episodes
 from diamond.config import EnvConfig
 from diamond.env import make_env
@@ -42,18 +43,6 @@ def episode_seeds(seed: int, episode: int) -> tuple[int, int]:
     sequence = np.random.SeedSequence([seed, episode])
     env_seed, policy_seed = sequence.generate_state(2)
     return int(env_seed), int(policy_seed)
-
-
-def sample_action(logits: torch.Tensor, epsilon: float, rng: np.random.Generator) -> int:
-    """One action from float64 `logits` (A,): uniform with probability epsilon, else from the softmax.
-
-    Both random numbers are drawn every step, so the stream does not depend on the branch taken
-    (the rule of `diamond.agent.AgentPolicy`)."""
-    explore, u = rng.random(2)
-    if explore < epsilon:
-        return int(rng.integers(logits.shape[0]))
-    cdf = torch.softmax(logits, dim=-1).cumsum(0).numpy()
-    return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), logits.shape[0] - 1))
 
 
 @torch.inference_mode()

@@ -25,7 +25,7 @@ from scipy.stats import bootstrap  # noqa: E402
 
 from diamond.io import atomic_write_bytes  # noqa: E402
 from diamond.metrics import METRIC_LABELS, METRICS, MethodAggregates  # noqa: E402
-from diamond.report import DPI, Report  # noqa: E402
+from diamond.report import Report, save_figure  # noqa: E402
 from diamond.scores import MethodScores, RunResult, atari_100k_games, human_normalized  # noqa: E402
 
 STEM = "released_vs_paper"
@@ -122,12 +122,7 @@ def plot_comparison(rows: list[GameComparison], released: str, path: Path) -> No
         ax.set_xlabel("Human normalized score (symlog scale)")
         ax.legend(loc="lower right", fontsize="small")
         ax.grid(True, axis="x", alpha=0.3)
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def write_comparison(results: Sequence[RunResult], paper: MethodScores, report: Report, released: str,

@@ -383,7 +383,7 @@ def _labels(report: Report) -> dict[str, str]:
     return {n: _partial_label(a) for n, a in report.aggregates.items()}
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
     import io
 
     buf = io.BytesIO()
@@ -407,7 +407,7 @@ def plot_aggregates(report: Report, path: Path) -> None:
         xlabel="Human Normalized Score", row_height=row_height,
         xlabel_y_coordinate=-0.55 / (row_height * len(points)),
     )
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_profiles(report: Report, path: Path) -> None:
@@ -420,7 +420,7 @@ def plot_profiles(report: Report, path: Path) -> None:
         xlabel=r"Human Normalized Score ($\tau$)", ylabel=r"Fraction of runs with score $> \tau$",
     )
     ax.legend(loc="upper right", fontsize="small")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_per_game(report: Report, path: Path) -> None:
@@ -441,7 +441,7 @@ def plot_per_game(report: Report, path: Path) -> None:
     ax.set_xlabel("Human normalized score (mean over runs; symlog scale)")
     ax.legend(loc="lower right", fontsize="small")
     ax.grid(True, axis="x", alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_improvement(report: Report, path: Path) -> None:
@@ -449,7 +449,7 @@ def plot_improvement(report: Report, path: Path) -> None:
         fig, ax = plt.subplots(figsize=(5, 1.5))
         ax.axis("off")
         ax.text(0.5, 0.5, "No baseline shares a game with these runs", ha="center", va="center")
-        _save(fig, path)
+        save_figure(fig, path)
         return
     # rliable splits each key on the separator; method names may hold commas
     sep = PAIR_SEPARATOR
@@ -458,7 +458,7 @@ def plot_improvement(report: Report, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 0.5 * len(points) + 1))
     plot_utils.plot_probability_of_improvement(points, cis, pair_separator=sep, ax=ax, ticklabelsize="medium",
                                                labelsize="medium")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(report: Report, out_dir: Path) -> list[Path]:
