@@ -216,3 +216,17 @@ def results_by_method(results: Sequence[RunResult]) -> list[MethodScores]:
         scores = {g: np.array([r.mean_return for r in sorted(rs, key=lambda r: r.seed)]) for g, rs in games.items()}
         out.append(MethodScores(method, scores))
     return out
+
+
+def score_record(game: str, seed: int, returns: list[float], method: str) -> dict:
+    """The score.json contract read by `aggregate`."""
+    mean = float(np.mean(returns))
+    return {
+        "game": game,
+        "seed": seed,
+        "episode_returns": [float(r) for r in returns],
+        "mean_return": mean,
+        "human_normalized_score": float(human_normalized(game, mean)),
+        "num_episodes": len(returns),
+        "method": method,
+    }

@@ -25,11 +25,11 @@ from diamond.config import CollectConfig, ConfigError
 from diamond.data import EpisodeStore
 from diamond.env import make_env, num_actions
 from diamond.io import atomic_directory, atomic_write_json
+from diamond.seeds import COLLECT_POLICY, stream_rng
 from stages.common import base_parser, forget_provenance, load_checked_params, run_main
 from stages.tracking import stage_run
 
 # Stream of the run seed that drives the uniform policy (the env has its own, seeded by `seed`).
-POLICY_STREAM = 1
 
 
 def check_collect_config(c: CollectConfig) -> None:
@@ -104,7 +104,7 @@ def main() -> None:
             n = num_actions(game)
             store = EpisodeStore(tmp, game=game, num_actions=n)
             env = make_env(game, seed, train=True, config=p.env)
-            policy = UniformPolicy(n, np.random.default_rng([seed, POLICY_STREAM]))
+            policy = UniformPolicy(n, stream_rng(seed, COLLECT_POLICY))
             collector = Collector(env, policy, store)
 
             def on_chunk(steps: int, minority: int) -> None:

@@ -35,21 +35,18 @@ from diamond.allocator import reuse_freed_memory
 from diamond.config import ConfigError, EvaluateConfig
 from diamond.data import Episode, EpisodeStore, SegmentSampler
 from diamond.env import num_actions
-from diamond.evaluation import agent_test_returns, imagined_frames, score_record, write_gif
+from diamond.evaluation import agent_test_returns, imagined_frames
+from diamond.frames import write_gif
 from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
 from diamond.imagination import ImaginationEnv
 from diamond.io import atomic_write_json
-from diamond.loop import derived_seed
 from diamond.models.actor_critic import ActorCritic
+from diamond.scores import score_record
+from diamond.seeds import EVALUATE_IMAGINATION, EVALUATE_TEST_EPISODES, derived_seed
 from diamond.training import compile_networks, set_memory_format, set_tf32
 from diamond.world_model import load_world_model
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
 from stages.tracking import stage_run
-
-# Streams of the run seed used here (train-agent uses 1..3 per epoch and 11..13; 22 was the
-# test policy's before each test episode got its own streams).
-TEST_EPISODES_STREAM, IMAGINATION_STREAM = 21, 23
-
 
 def check_evaluate_config(e: EvaluateConfig) -> None:
     if e.episodes < 1:
@@ -106,7 +103,7 @@ def main() -> None:
         mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
         if "imported_from" in agent:
             mlflow.set_tags({f"imported_from.{k}": v for k, v in agent["imported_from"].items()})
-        torch.manual_seed(derived_seed(seed, IMAGINATION_STREAM))
+        torch.manual_seed(derived_seed(seed, EVALUATE_IMAGINATION))
         ac = ActorCritic(p.actor_critic, num_actions(game), p.env.obs_size).to(device)
         ac.load_state_dict(agent["actor_critic"])
         ac.eval()
@@ -118,7 +115,7 @@ def main() -> None:
         wm.reward_end.eval()
 
         # Score: test episodes in the real game; the first one is also filmed.
-        returns, film = agent_test_returns(game, derived_seed(seed, TEST_EPISODES_STREAM), p.env, ac, ev.epsilon,
+        returns, film = agent_test_returns(game, derived_seed(seed, EVALUATE_TEST_EPISODES), p.env, ac, ev.epsilon,
                                            ev.episodes, ev.num_envs, device, film_frames=ev.gif_frames)
         score = score_record(game, seed, returns, method)
         if "imported_from" in agent:
@@ -132,7 +129,7 @@ def main() -> None:
         episodes = heldout_episodes(game, seed, p.env, ev.fidelity_episodes)
         with starts_store(store, episodes, game) as starts:
             # The agent in imagination, started from the final dataset (or the held-out episodes).
-            dream = ImaginationEnv(wm.sampler, wm.reward_end, SegmentSampler(starts, np.random.default_rng(derived_seed(seed, IMAGINATION_STREAM))),
+            dream = ImaginationEnv(wm.sampler, wm.reward_end, SegmentSampler(starts, np.random.default_rng(derived_seed(seed, EVALUATE_IMAGINATION))),
                                    context, batch_size=1, horizon=ev.gif_frames, device=device)
             write_gif(media / "agent_imagination.gif", imagined_frames(ac, dream, ev.gif_frames))
 

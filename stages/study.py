@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 
 from diamond.allocator import reuse_freed_memory
 from diamond.config import Params, StudyVariant, to_dict
 from diamond.data import EpisodeStore
 from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
-from diamond.study import (EpisodeSubset, ROLLOUT_STREAM, errors_npz, heldout_split, horizon_summary, open_loop_errors,
+from diamond.seeds import STUDY_ROLLOUTS, derived_seed
+from diamond.study import (EpisodeSubset, errors_npz, heldout_split, horizon_summary, open_loop_errors,
                            train_denoiser, variant_config)
 from diamond.training import compile_networks, set_memory_format, set_tf32
 from diamond.world_model import make_sampler
@@ -95,7 +95,7 @@ def run(args: Any, p: Params) -> None:
         start = time.perf_counter()
         errors = open_loop_errors(
             make_sampler(denoiser, cfg), [store[i] for i in heldout_idx], context, s.horizons, s.rollouts_per_episode,
-            device, int(np.random.SeedSequence([seed, ROLLOUT_STREAM]).generate_state(1)[0]),
+            device, derived_seed(seed, STUDY_ROLLOUTS),
         )
         rollout_seconds = time.perf_counter() - start
         args.out_dir.mkdir(parents=True, exist_ok=True)
