@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from diamond.games import REFERENCE_METHODS
 from diamond.io import ArtifactError, read_json
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference_data"
 # Methods shipped in reference_data/, in the order the tables show them (README.md there).
-REFERENCE_METHODS: tuple[str, ...] = ("DIAMOND", "IRIS", "SimPLe", "SPR", "DrQ-eps", "EfficientZero", "CURL")
 RESULT_KEYS = ("game", "seed", "episode_returns", "mean_return", "human_normalized_score", "num_episodes", "method")
 
 

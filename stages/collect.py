@@ -21,7 +21,7 @@ import mlflow
 import numpy as np
 
 from diamond.collector import Collector, EpisodeStats, UniformPolicy
-from diamond.config import CollectConfig, ConfigError
+from diamond.config import CollectConfig
 from diamond.data import EpisodeStore
 from diamond.env import make_env, num_actions
 from diamond.io import atomic_directory, atomic_write_json
@@ -30,15 +30,6 @@ from stages.common import base_parser, forget_provenance, load_checked_params, r
 from stages.tracking import stage_run
 
 # Stream of the run seed that drives the uniform policy (the env has its own, seeded by `seed`).
-
-
-def check_collect_config(c: CollectConfig) -> None:
-    if c.chunk_steps < 1:
-        raise ConfigError(f"collect.chunk_steps: {c.chunk_steps} must be >= 1")
-    if c.min_steps < 1:
-        raise ConfigError(f"collect.min_steps: {c.min_steps} must be >= 1")
-    if c.min_minority_rewards < 0:
-        raise ConfigError(f"collect.min_minority_rewards: {c.min_minority_rewards} must be >= 0")
 
 
 def minority_rewards(reward_counts: dict[int, int]) -> int:
@@ -96,7 +87,6 @@ def main() -> None:
     args = parser.parse_args()
     p = load_checked_params(args)
     forget_provenance(args.out_dataset.parent, "collect")
-    check_collect_config(p.collect)
     game, seed = args.game, args.seed
 
     with stage_run("collect", sections={"env": p.env, "collect": p.collect}, game=game, seed=seed, inputs=[]):

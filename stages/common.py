@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from diamond.config import ConfigError, Params, load_params
+from diamond.games import ATARI_100K_GAMES
 from diamond.io import ArtifactError
 
 
@@ -49,8 +50,6 @@ def load_checked_params(args: argparse.Namespace) -> Params:
     check_tracking_server()
     game = getattr(args, "game", None)
     if game is not None:
-        from diamond.env import ATARI_100K_GAMES
-
         if game not in ATARI_100K_GAMES:
             raise ConfigError(f"--game: unknown game {game!r}; allowed: {', '.join(ATARI_100K_GAMES)}")
     return params

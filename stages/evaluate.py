@@ -32,7 +32,6 @@ import torch
 
 from diamond.agent_checkpoint import read_agent_checkpoint
 from diamond.allocator import reuse_freed_memory
-from diamond.config import ConfigError, EvaluateConfig
 from diamond.data import Episode, EpisodeStore, SegmentSampler
 from diamond.env import num_actions
 from diamond.evaluation import agent_test_returns, imagined_frames
@@ -47,22 +46,6 @@ from diamond.training import compile_networks, set_memory_format, set_tf32
 from diamond.world_model import load_world_model
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
 from stages.tracking import stage_run
-
-def check_evaluate_config(e: EvaluateConfig) -> None:
-    if e.episodes < 1:
-        raise ConfigError(f"evaluate.episodes: {e.episodes} must be >= 1")
-    if not 0.0 <= e.epsilon <= 1.0:
-        raise ConfigError(f"evaluate.epsilon: {e.epsilon} is not a probability in [0, 1]")
-    if e.fidelity_episodes < 1 or not e.fidelity_horizons or min(e.fidelity_horizons) < 1:
-        raise ConfigError(
-            f"evaluate.fidelity_episodes ({e.fidelity_episodes}) and every fidelity_horizons entry "
-            f"({e.fidelity_horizons}) must be >= 1"
-        )
-    if e.gif_frames < 1:
-        raise ConfigError(f"evaluate.gif_frames: {e.gif_frames} must be >= 1")
-    if e.num_envs < 1:
-        raise ConfigError(f"evaluate.num_envs: {e.num_envs} must be >= 1")
-
 
 @contextmanager
 def starts_store(store: EpisodeStore | None, episodes: list[Episode], game: str) -> Iterator[EpisodeStore]:
@@ -87,7 +70,6 @@ def main() -> None:
     parser.add_argument("--out-media", required=True, type=Path)
     args = parser.parse_args()
     p = load_checked_params(args)
-    check_evaluate_config(p.evaluate)
     forget_provenance(args.out_score.parent, "evaluate-released" if args.released else "evaluate")
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)

@@ -73,6 +73,8 @@ STAGE_PARAMS: dict[str, list[str]] = {
     # fidelity of the trained world model is measured here, on held-out real episodes
     "train-world-model": [
         "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "tf32", "env", "world_model",
+        # R's training segments are horizon + conditioning frames long (diamond/config.py DERIVED)
+        "actor_critic.horizon",
         "evaluate.fidelity_episodes", "evaluate.fidelity_horizons", "evaluate.gif_frames",
     ],
     "train-agent": [

@@ -25,7 +25,7 @@ import torch
 
 from diamond.agent_checkpoint import agent_checkpoint, read_agent_checkpoint
 from diamond.allocator import reuse_freed_memory
-from diamond.config import AgentConfig, ConfigError, Params, to_dict
+from diamond.config import Params, to_dict
 from diamond.data import EpisodeStore
 from diamond.env import num_actions
 from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
@@ -37,19 +37,6 @@ from diamond.training import Trainer, compile_networks, set_memory_format, set_t
 from diamond.world_model import load_world_model, world_model_state
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
 from stages.tracking import dvc_md5, stage_run
-
-def check_agent_config(a: AgentConfig) -> None:
-    for name in ("total_env_steps", "collect_steps_per_epoch", "test_every_epochs", "test_episodes",
-                 "checkpoint_every_epochs"):
-        if getattr(a, name) < 1:
-            raise ConfigError(f"agent.{name}: {getattr(a, name)} must be >= 1")
-    for name in ("first_epoch_actor_critic_steps", "denoiser_steps_per_epoch", "reward_end_steps_per_epoch",
-                 "actor_critic_steps_per_epoch", "final_epochs_without_collection"):
-        if getattr(a, name) < 0:
-            raise ConfigError(f"agent.{name}: {getattr(a, name)} must be >= 0")
-    if not 0.0 <= a.epsilon <= 1.0:
-        raise ConfigError(f"agent.epsilon: {a.epsilon} is not a probability in [0, 1]")
-
 
 def sections(p: Params) -> dict:
     """The config this stage reads (and whose hash decides whether a saved state may resume)."""
@@ -146,7 +133,6 @@ def main() -> None:
     args = parser.parse_args()
     p = load_checked_params(args)
     forget_provenance(args.out_checkpoint.parent, "train-agent")
-    check_agent_config(p.agent)
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
     for path in (args.dataset, args.world_model, args.init_agent):

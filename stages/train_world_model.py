@@ -24,7 +24,7 @@ import mlflow
 import torch
 
 from diamond.allocator import reuse_freed_memory
-from diamond.config import ConfigError, Params, WorldModelConfig
+from diamond.config import Params
 from diamond.data import EpisodeStore
 from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
 from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json
@@ -37,20 +37,8 @@ from stages.tracking import stage_run
 GIF_NAME = "imagination.gif"
 
 
-def check_config(c: WorldModelConfig) -> None:
-    for name in ("batch_size", "checkpoint_every_steps", "log_every_steps"):
-        if getattr(c, name) < 1:
-            raise ConfigError(f"world_model.{name}: {getattr(c, name)} must be >= 1")
-    for name in ("denoiser_steps", "reward_end_steps"):
-        if getattr(c, name) < 0:
-            raise ConfigError(f"world_model.{name}: {getattr(c, name)} must be >= 0")
-    if c.reward_end.segment_length < 1:
-        raise ConfigError(f"world_model.reward_end.segment_length: {c.reward_end.segment_length} must be >= 1")
-
-
 def run(args: Any, p: Params) -> None:
     c, game, seed = p.world_model, args.game, args.seed
-    check_config(c)
     forget_provenance(args.out_checkpoint.parent, "train-world-model")
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)

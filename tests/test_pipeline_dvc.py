@@ -45,6 +45,18 @@ def test_declared_code_deps_are_the_stage_imports(stage: str) -> None:
     assert sorted(deps) == sorted(expected)
 
 
+# Modules of the tables, figures and reference scores: editing them must not rerun training.
+REPORTING_MODULES = {"diamond/scores.py", "diamond/metrics.py", "diamond/report.py", "diamond/released_report.py",
+                     "diamond/study_report.py", "stages/aggregate.py", "stages/study_report.py", "stages/pipeline.py"}
+
+
+@pytest.mark.parametrize("stage", ["collect", "train-world-model", "train-agent"])
+def test_training_stages_do_not_depend_on_the_reporting_modules(stage: str) -> None:
+    deps = {_path(d) for d in stage_def(stage)["deps"]}
+    assert not deps & REPORTING_MODULES
+    assert not any(d.startswith("diamond/reference_data") for d in deps)
+
+
 def test_resume_scratch_is_not_an_output() -> None:
     outs = [_path(o) for s in DVC_YAML.values() for o in s.get("outs", [])]
     assert not [o for o in outs if "agent_state" in o]
