@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from diamond.config import OptimizerConfig
+from diamond.config import OptimizerConfig, Params
 from diamond.io import ArtifactError
 
 # Official configure_opt (src/utils.py, after minGPT): only the weights of these layers decay ...
@@ -172,3 +172,14 @@ def compile_networks(enabled: bool, *networks: nn.Module) -> None:
     if enabled:
         for network in networks:
             network.compile()
+
+
+def apply_speed_switches(p: Params, models: tuple[nn.Module, ...], denoiser_net: nn.Module | None) -> None:
+    """The params' speed switches, in the one order every stage uses: `tf32`, then `channels_last`
+    on `models`, then `compile_denoiser` on the denoiser's U-Net (after the layout change, which
+    compiled code is specialised to). `reuse_freed_memory` is a process setting, applied at stage
+    start (diamond/allocator.py). None changes results beyond float rounding (tests/test_speed_switches.py)."""
+    set_tf32(p.tf32)
+    set_memory_format(p.channels_last, *models)
+    if denoiser_net is not None:
+        compile_networks(p.compile_denoiser, denoiser_net)

@@ -20,7 +20,7 @@ from diamond.config import ConfigError
 from diamond.released_report import PAPER_METHOD, write_comparison
 from diamond.report import Report, build_report, write_report
 from diamond.scores import load_method, load_results, results_by_method
-from stages.common import base_parser, forget_provenance, load_checked_params, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.tracking import stage_run
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     results = load_results(args.results)  # every file checked before any work
     runs = results_by_method(results)
     reference = [load_method(m) for m in cfg.reference_methods]
-    with stage_run("aggregate", sections={"aggregate": cfg}, inputs=list(args.results)):
+    with stage_run("aggregate", sections=stage_sections(params, "aggregate"), inputs=list(args.results)):
         mlflow.set_tags({"reference_only": str(args.reference_only), "run_methods": ", ".join(m.name for m in runs)})
         report = build_report(reference, runs, cfg.bootstrap_reps, cfg.confidence, cfg.bootstrap_seed)
         written = write_report(report, args.out)

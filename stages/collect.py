@@ -26,7 +26,7 @@ from diamond.data import EpisodeStore
 from diamond.env import make_env, num_actions
 from diamond.io import atomic_directory, atomic_write_json
 from diamond.seeds import COLLECT_POLICY, stream_rng
-from stages.common import base_parser, forget_provenance, load_checked_params, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.tracking import stage_run
 
 # Stream of the run seed that drives the uniform policy (the env has its own, seeded by `seed`).
@@ -89,7 +89,7 @@ def main() -> None:
     forget_provenance(args.out_dataset.parent, "collect")
     game, seed = args.game, args.seed
 
-    with stage_run("collect", sections={"env": p.env, "collect": p.collect}, game=game, seed=seed, inputs=[]):
+    with stage_run("collect", sections=stage_sections(p, "collect"), game=game, seed=seed, inputs=[]):
         with atomic_directory(args.out_dataset) as tmp:
             n = num_actions(game)
             store = EpisodeStore(tmp, game=game, num_actions=n)

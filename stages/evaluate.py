@@ -42,9 +42,9 @@ from diamond.io import atomic_write_json
 from diamond.models.actor_critic import ActorCritic
 from diamond.scores import score_record
 from diamond.seeds import EVALUATE_IMAGINATION, EVALUATE_TEST_EPISODES, derived_seed
-from diamond.training import compile_networks, set_memory_format, set_tf32
+from diamond.training import apply_speed_switches
 from diamond.world_model import load_world_model
-from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
 from stages.tracking import stage_run
 
 @contextmanager
@@ -78,9 +78,7 @@ def main() -> None:
     agent = read_agent_checkpoint(args.agent, game)
     store = EpisodeStore(args.dataset, game=game) if args.dataset else None
 
-    sections = {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "evaluate": p.evaluate,
-                "method_name": method, "channels_last": p.channels_last,
-                "compile_denoiser": p.compile_denoiser, "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32}
+    sections = stage_sections(p, "evaluate-released" if args.released else "evaluate")
     with stage_run("evaluate", sections=sections, game=game, seed=seed, inputs=[a for a in (args.agent, args.dataset) if a]):
         mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
         if "imported_from" in agent:
@@ -90,9 +88,7 @@ def main() -> None:
         ac.load_state_dict(agent["actor_critic"])
         ac.eval()
         wm = load_world_model(args.agent, device, cfg=p.world_model, ckpt=agent["world_model"])
-        set_tf32(p.tf32)
-        set_memory_format(p.channels_last, wm.denoiser, wm.reward_end, ac)
-        compile_networks(p.compile_denoiser, wm.denoiser.net)
+        apply_speed_switches(p, (wm.denoiser, wm.reward_end, ac), wm.denoiser.net)
         wm.denoiser.eval()
         wm.reward_end.eval()
 

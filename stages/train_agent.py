@@ -33,16 +33,14 @@ from diamond.loop import DATASET_DIR, STATE_FILE, AgentRun, curve_csv, load_stat
 from diamond.models.actor_critic import ActorCritic
 from diamond.resume import resume_key
 from diamond.seeds import AGENT_POLICY, AGENT_SEGMENTS, AGENT_TORCH, derived_seed, stream_rng
-from diamond.training import Trainer, compile_networks, set_memory_format, set_tf32
+from diamond.training import Trainer, apply_speed_switches
 from diamond.world_model import load_world_model, world_model_state
-from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
 from stages.tracking import dvc_md5, stage_run
 
 def sections(p: Params) -> dict:
     """The config this stage reads (and whose hash decides whether a saved state may resume)."""
-    return {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "agent": p.agent,
-            "channels_last": p.channels_last, "compile_denoiser": p.compile_denoiser,
-            "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32}
+    return stage_sections(p, "train-agent")
 
 
 def run_key(p: Params, game: str, seed: int, dataset: Path, world_model: Path, init_agent: Path | None = None) -> str:
@@ -68,9 +66,7 @@ def build_run(
     ac = ActorCritic(p.actor_critic, n, p.env.obs_size).to(device)
     if init_agent is not None:  # continue training an agent (e.g. imported official weights)
         ac.load_state_dict(read_agent_checkpoint(init_agent, game)["actor_critic"])
-    set_tf32(p.tf32)
-    set_memory_format(p.channels_last, wm.denoiser, wm.reward_end, ac)
-    compile_networks(p.compile_denoiser, wm.denoiser.net)
+    apply_speed_switches(p, (wm.denoiser, wm.reward_end, ac), wm.denoiser.net)
     return AgentRun(
         params=p, game=game, seed=seed, device=device, store=store, world_model=wm,
         actor_critic=ac, actor_critic_trainer=Trainer(ac, p.actor_critic.optimizer),

@@ -29,9 +29,9 @@ from diamond.data import EpisodeStore
 from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
 from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json
 from diamond.seeds import WORLD_MODEL_FIDELITY, derived_seed
-from diamond.training import compile_networks, set_memory_format, set_tf32
+from diamond.training import apply_speed_switches
 from diamond.world_model_loop import start_or_resume, train
-from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
 from stages.tracking import stage_run
 
 GIF_NAME = "imagination.gif"
@@ -62,15 +62,9 @@ def run(args: Any, p: Params) -> None:
 
     run = start_or_resume(c, game, seed, store, store.num_actions, p.env.obs_size, args.out_checkpoint, device, log_row)
     wm, curve = run.world_model, run.curve
-    set_tf32(p.tf32)
-    set_memory_format(p.channels_last, wm.denoiser, wm.reward_end)
-    compile_networks(p.compile_denoiser, wm.denoiser.net)
+    apply_speed_switches(p, (wm.denoiser, wm.reward_end), wm.denoiser.net)
 
-    # Only the evaluate keys this stage reads (the fidelity measurement), as in dvc.yaml's params.
-    fidelity = {k: getattr(p.evaluate, k) for k in ("fidelity_episodes", "fidelity_horizons", "gif_frames")}
-    sections = {"world_model": c, "env": p.env, "evaluate": fidelity, "channels_last": p.channels_last,
-                "compile_denoiser": p.compile_denoiser, "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32}
-    with stage_run("train-world-model", sections=sections, game=game, seed=seed, inputs=[args.dataset]):
+    with stage_run("train-world-model", sections=stage_sections(p, "train-world-model"), game=game, seed=seed, inputs=[args.dataset]):
         mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
         mlflow.log_params({"resumed_from_denoiser_step": wm.denoiser_steps, "resumed_from_reward_end_step": wm.reward_end_steps})
         for name, n in wm.num_parameters().items():
