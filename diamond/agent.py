@@ -15,6 +15,7 @@ from torch.distributions import Categorical
 
 from diamond.config import ActorCriticConfig, ConfigError
 from diamond.data import SegmentSampler
+from diamond.frames import to_float
 from diamond.imagination import ImaginationEnv
 from diamond.models.actor_critic import ActorCritic
 from diamond.returns import lambda_returns
@@ -138,7 +139,7 @@ class AgentPolicy:
 
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> int:
-        x = torch.from_numpy(np.ascontiguousarray(obs)).to(self.device).float().div(127.5).sub(1.0)[None]
+        x = to_float(np.ascontiguousarray(obs), self.device)[None]
         if self.state is None:
             self.state = self.ac.initial_state(1, self.device)
         logits, _, self.state = self.ac(x, self.state)

@@ -2,7 +2,15 @@
 
 Every knob of the method lives in one dataclass below, named as in the paper. There are no
 defaults here: `params.yaml` (small scale) and `configs/paper.yaml` (the paper's scale) give
-every value, and a missing, unknown or mistyped key is a one-line error naming the key.
+every value, and a missing, unknown or mistyped key is a one-line error naming the key. Every
+range and cross-field check happens here, when params load (`RANGE_RULES`, `_validate`), so a bad
+value fails before `collect` runs, not when the stage that reads it starts.
+
+Derived facts are not params keys: `world_model.reward_end.segment_length` is
+`actor_critic.horizon + world_model.denoiser.num_conditioning_frames`, as the official code
+derives it (config/trainer.yaml: `rew_end_model.training.seq_length:
+${world_model_env.horizon} + ${agent.denoiser.inner_model.num_steps_conditioning}`); it is filled
+in when params load (`DERIVED`) and appears in `to_dict` (so hashes and logged params hold it).
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from diamond.games import ATARI_100K_GAMES, REFERENCE_METHODS
 
 
 class ConfigError(ValueError):
@@ -117,7 +127,9 @@ class RewardEndConfig:
     cond_channels: int
     num_groups_channels: int  # GroupNorm group size in channels (32)
     lstm_dim: int
-    segment_length: int  # imagination horizon + conditioning frames (19)
+    # Derived, not a params key (see the module docstring): actor_critic.horizon +
+    # denoiser.num_conditioning_frames (19). A saved config (checkpoint) carries its value.
+    segment_length: int = dataclasses.field(default=0, metadata={"derived": True})
 
 
 @dataclass(frozen=True)
@@ -287,12 +299,13 @@ def _build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     yaml_names = {_yaml_name(n): n for n in fields}
+    derived = {_yaml_name(n) for n, f in fields.items() if f.metadata.get("derived")}
     unknown = sorted(set(data) - set(yaml_names))
     # the full dotted path of the key, so that the message names it whatever its depth
     path = lambda key: f"{where}.{key}" if where else key  # noqa: E731
     if unknown:
         raise ConfigError(f"{path(unknown[0])}: unknown key; allowed here: {', '.join(sorted(yaml_names))}")
-    missing = sorted(k for k in yaml_names if k not in data)
+    missing = sorted(k for k in yaml_names if k not in data and k not in derived)
     if missing:
         raise ConfigError(f"{path(missing[0])}: missing key")
     kwargs = {}
@@ -349,8 +362,6 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def _validate(p: Params) -> None:
-    from diamond.env import ATARI_100K_GAMES
-
     for g in p.games:
         if g not in ATARI_100K_GAMES:
             raise ConfigError(f"games: unknown game {g!r}; allowed: {', '.join(ATARI_100K_GAMES)}")
@@ -398,6 +409,11 @@ def _validate(p: Params) -> None:
         )
     _validate_study(p.study, p.world_model.denoiser.ddpm_num_timesteps, ATARI_100K_GAMES)
     _validate_ranges(p)
+    for name in p.aggregate.reference_methods:
+        if name not in REFERENCE_METHODS:
+            raise ConfigError(
+                f"aggregate.reference_methods: unknown method {name!r}; allowed: {', '.join(REFERENCE_METHODS)}"
+            )
     if p.collect.min_steps > p.collect.max_steps:
         raise ConfigError(
             f"collect.min_steps ({p.collect.min_steps}) must not exceed collect.max_steps ({p.collect.max_steps})"
@@ -414,6 +430,12 @@ _NON_EMPTY = (lambda v: len(v) > 0, "must not be empty")
 # Ranges of the model and optimiser keys, checked when params load so that a bad value fails
 # before `collect` runs, not at the stage that first reads it (scripts/bad_input_campaign.py).
 RANGE_RULES: list[tuple[str, tuple[Any, str]]] = [
+    *[(f"env.{k}", _POSITIVE_INT) for k in ("frame_skip", "max_episode_frames", "obs_size")],
+    ("env.max_noops", _NON_NEGATIVE),
+    *[(f"collect.{k}", _POSITIVE_INT) for k in ("min_steps", "chunk_steps")],
+    ("collect.min_minority_rewards", _NON_NEGATIVE),
+    *[(f"world_model.{k}", _POSITIVE_INT) for k in ("batch_size", "checkpoint_every_steps", "log_every_steps")],
+    *[(f"world_model.{k}", _NON_NEGATIVE) for k in ("denoiser_steps", "reward_end_steps")],
     ("world_model.denoiser.num_conditioning_frames", (lambda v: v >= 2, "must be >= 2 (a context holds a real transition)")),
     *[(f"world_model.denoiser.{k}", _POSITIVE_INT) for k in ("cond_channels", "num_groups_channels", "ddpm_num_timesteps")],
     ("world_model.denoiser.channels", _POSITIVE_INTS), ("world_model.denoiser.depths", _POSITIVE_INTS),
@@ -432,20 +454,41 @@ RANGE_RULES: list[tuple[str, tuple[Any, str]]] = [
     *[(f"{opt}.{k}", rule) for opt in ("world_model.denoiser_optimizer", "world_model.reward_end_optimizer", "actor_critic.optimizer")
       for k, rule in (("lr", _POSITIVE), ("eps", _POSITIVE), ("weight_decay", _NON_NEGATIVE),
                       ("warmup_steps", _NON_NEGATIVE), ("max_grad_norm", _POSITIVE))],
+    *[(f"agent.{k}", _POSITIVE_INT) for k in ("total_env_steps", "collect_steps_per_epoch", "test_every_epochs",
+                                               "test_episodes", "checkpoint_every_epochs")],
+    *[(f"agent.{k}", _NON_NEGATIVE) for k in ("first_epoch_actor_critic_steps", "denoiser_steps_per_epoch",
+                                               "reward_end_steps_per_epoch", "actor_critic_steps_per_epoch",
+                                               "final_epochs_without_collection")],
+    ("agent.epsilon", _UNIT_INTERVAL),
+    *[(f"evaluate.{k}", _POSITIVE_INT) for k in ("episodes", "fidelity_episodes", "gif_frames", "num_envs")],
+    ("evaluate.epsilon", _UNIT_INTERVAL), ("evaluate.fidelity_horizons", _POSITIVE_INTS),
+    ("aggregate.bootstrap_reps", (lambda v: v >= 2, "is too few; use at least 2 (2000 in the paper's protocol)")),
+    ("aggregate.confidence", (lambda v: 0 < v < 1, "must lie strictly between 0 and 1 (e.g. 0.95)")),
     # seeds of numpy/torch generators are non-negative
     ("seeds", (lambda v: all(x >= 0 for x in v), "must be integers >= 0")),
     *[(k, _NON_NEGATIVE) for k in ("aggregate.bootstrap_seed", "released.seed", "study.bootstrap_seed")],
 ]
 
 
-def _validate_ranges(p: Params) -> None:
-    data = to_dict(p)
+def _check_rules(data: dict, prefix: str) -> None:
+    """Apply the RANGE_RULES under `prefix` ("" for all) to `data`, the YAML data at `prefix`."""
     for key, (ok, allowed) in RANGE_RULES:
+        if prefix and not key.startswith(prefix + "."):
+            continue
         value: Any = data
-        for part in key.split("."):
+        for part in key.removeprefix(prefix + "." if prefix else "").split("."):
             value = value[part]
         if not ok(value):
             raise ConfigError(f"{key}: {value!r} {allowed}")
+
+
+def check_section(section: Any, prefix: str) -> None:
+    """The RANGE_RULES of one section (e.g. an EnvConfig built by hand, prefix "env")."""
+    _check_rules(to_dict(section), prefix)
+
+
+def _validate_ranges(p: Params) -> None:
+    _check_rules(to_dict(p), "")
     den = p.world_model.denoiser
     if not len(den.channels) == len(den.depths) == len(den.attention):
         raise ConfigError(f"world_model.denoiser: channels {den.channels}, depths {den.depths} and attention "
@@ -494,8 +537,28 @@ def _validate_study(s: StudyConfig, ddpm_num_timesteps: int, games: tuple[str, .
         raise ConfigError(f"study.confidence: {s.confidence} must be in (0, 1)")
 
 
+# Derived fields: (dotted key, what it is derived from). A params file may not set them.
+DERIVED: dict[str, str] = {
+    "world_model.reward_end.segment_length": "actor_critic.horizon + world_model.denoiser.num_conditioning_frames",
+}
+
+
+def _with_derived(p: Params) -> Params:
+    wm = p.world_model
+    reward_end = dataclasses.replace(
+        wm.reward_end, segment_length=p.actor_critic.horizon + wm.denoiser.num_conditioning_frames
+    )
+    return dataclasses.replace(p, world_model=dataclasses.replace(wm, reward_end=reward_end))
+
+
 def params_from_dict(data: Any) -> Params:
-    params = _build(Params, data, "")
+    for key, source in DERIVED.items():
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"{key}: derived ({source}), not a params key; remove it")
+    params = _with_derived(_build(Params, data, ""))
     _validate(params)
     return params
 

@@ -29,17 +29,11 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.utils import seeding
 
-from diamond.config import ConfigError, EnvConfig
+from diamond.config import ConfigError, EnvConfig, check_section
+from diamond.games import ATARI_100K_GAMES
 
 gymnasium.register_envs(ale_py)
 
-# The 26 games of Atari 100k, by the short names used in the reference score files.
-ATARI_100K_GAMES: tuple[str, ...] = (
-    "Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Boxing", "Breakout",
-    "ChopperCommand", "CrazyClimber", "DemonAttack", "Freeway", "Frostbite", "Gopher", "Hero",
-    "Jamesbond", "Kangaroo", "Krull", "KungFuMaster", "MsPacman", "Pong", "PrivateEye", "Qbert",
-    "RoadRunner", "Seaquest", "UpNDown",
-)
 
 
 def rom_id(game: str) -> str:
@@ -54,14 +48,9 @@ def check_game(game: str) -> None:
 
 
 def check_env_config(config: EnvConfig) -> None:
-    if config.frame_skip < 1:
-        raise ConfigError(f"env.frame_skip: {config.frame_skip} must be >= 1")
-    if config.max_noops < 0:
-        raise ConfigError(f"env.max_noops: {config.max_noops} must be >= 0")
-    if config.max_episode_frames < 1:
-        raise ConfigError(f"env.max_episode_frames: {config.max_episode_frames} must be >= 1")
-    if config.obs_size < 1:
-        raise ConfigError(f"env.obs_size: {config.obs_size} must be >= 1")
+    """The env section's ranges (diamond/config.py RANGE_RULES), for callers that build an
+    EnvConfig themselves; params files are checked when they load."""
+    check_section(config, "env")
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,10 +12,7 @@ return does not depend on how many episodes run beside it.
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
 
-import imageio.v2 as imageio
 import numpy as np
 import torch
 
@@ -23,10 +20,10 @@ from diamond.agent import sample_action
 from diamond.collector import Policy, chw, run_episodes
 from diamond.config import EnvConfig
 from diamond.env import make_env
+from diamond.frames import to_float, to_uint8
 from diamond.imagination import ImaginationEnv
-from diamond.io import atomic_write_bytes
 from diamond.models.actor_critic import ActorCritic
-from diamond.scores import human_normalized
+from diamond.seeds import episode_seeds
 
 
 def test_episode_returns(game: str, seed: int, env_cfg: EnvConfig, policy: Policy, episodes: int) -> list[float]:
@@ -36,13 +33,6 @@ def test_episode_returns(game: str, seed: int, env_cfg: EnvConfig, policy: Polic
         return [float(r) for r in run_episodes(env, policy, episodes)]
     finally:
         env.close()
-
-
-def episode_seeds(seed: int, episode: int) -> tuple[int, int]:
-    """(environment seed, action-stream seed) of test episode `episode` of an evaluation seeded `seed`."""
-    sequence = np.random.SeedSequence([seed, episode])
-    env_seed, policy_seed = sequence.generate_state(2)
-    return int(env_seed), int(policy_seed)
 
 
 @torch.inference_mode()
@@ -82,7 +72,7 @@ def agent_test_returns(
                 film.append(obs[0].copy())
             # Only the slots still playing go through the network: no work on finished ones.
             rows = None if len(active) == slots else torch.tensor(active, device=device)
-            x = torch.from_numpy(obs if rows is None else obs[active]).to(device).float().div_(127.5).sub_(1.0)
+            x = to_float(obs if rows is None else obs[active], device)
             state = (hx, cx) if rows is None else (hx[rows], cx[rows])
             logits, _, (h, c) = ac(x, state)
             if rows is None:
@@ -100,20 +90,6 @@ def agent_test_returns(
         for env in envs:
             env.close()
     return returns, film
-
-
-def score_record(game: str, seed: int, returns: list[float], method: str) -> dict:
-    """The score.json contract read by `aggregate`."""
-    mean = float(np.mean(returns))
-    return {
-        "game": game,
-        "seed": seed,
-        "episode_returns": [float(r) for r in returns],
-        "mean_return": mean,
-        "human_normalized_score": float(human_normalized(game, mean)),
-        "num_episodes": len(returns),
-        "method": method,
-    }
 
 
 class RecordingPolicy:
@@ -137,25 +113,11 @@ def imagined_frames(ac: ActorCritic, env: ImaginationEnv, num_frames: int) -> li
     """The agent playing inside the world model (batch row 0), as uint8 CHW frames."""
     obs, start = env.reset()
     state = ac.burn_in(start.context_obs, start.context_mask)
-    frames = [_to_uint8(obs[0])]
+    frames = [to_uint8(obs[0])]
     while len(frames) < num_frames:
         logits, _, state = ac(obs, state)
         step = env.step(torch.distributions.Categorical(logits=logits).sample())
         state = ac.restart_rows(state, step.restart.rows, step.restart.context_obs, step.restart.context_mask)
         obs = step.obs
-        frames.append(_to_uint8(obs[0]))
+        frames.append(to_uint8(obs[0]))
     return frames
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-
-
-def write_gif(path: str | Path, frames: list[np.ndarray], scale: int = 2, fps: int = 15) -> None:
-    """CHW uint8 frames -> an animated GIF, enlarged `scale` times (nearest neighbour), atomically."""
-    if not frames:
-        raise ValueError(f"{path}: no frames to write")
-    images = [np.repeat(np.repeat(f.transpose(1, 2, 0), scale, 0), scale, 1) for f in frames]
-    buf = io.BytesIO()
-    imageio.mimsave(buf, images, format="GIF", duration=1000 / fps, loop=0)
-    atomic_write_bytes(path, buf.getvalue())

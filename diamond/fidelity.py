@@ -2,7 +2,7 @@
 
 - Held-out episodes: fresh episodes of the uniform policy in the real environment (training mode,
   so episodes end on life loss as in the training data), on an environment seed derived from the
-  run seed with its own stream (`HELDOUT_STREAM`), disjoint from the collection's seed.
+  run seed with its own stream (diamond/seeds.py `HELDOUT`), disjoint from the collection's seed.
 - Open-loop imagination: from L real frames and actions, the world model generates the next H
   frames, fed the real actions that were taken, never seeing a real frame again. Per step
   k = 1..H: MSE (pixels in [0, 1]) and PSNR (from the mean MSE) of imagined vs real frames, beside
@@ -29,20 +29,20 @@ from torch import Tensor
 
 from diamond.config import EnvConfig
 from diamond.data import Episode, EpisodeStore
+from diamond.frames import gif_bytes, to_float, to_uint8
 from diamond.io import atomic_write_bytes
 from diamond.models.reward_end import NUM_END_CLASSES, NUM_REWARD_CLASSES, RewardEndModel, reward_classes
 from diamond.sampler import DiffusionSampler
+from diamond.seeds import COLLECT_POLICY, HELDOUT, derived_seed, stream_rng
 
-HELDOUT_STREAM = 7919  # stream id of the held-out environment and policy seeds
 MAX_ROLLOUTS_PER_EPISODE = 16
 REWARD_CLASS_NAMES = ("negative", "zero", "positive")
 END_CLASS_NAMES = ("continue", "end")
-GIF_SCALE = 2  # nearest-neighbour upscaling of the 64x64 frames in the GIF
-GIF_FRAME_SECONDS = 0.1
+GIF_FRAME_MS = 100
 
 
 def heldout_seed(seed: int) -> int:
-    return int(np.random.SeedSequence([seed, HELDOUT_STREAM]).generate_state(1)[0])
+    return derived_seed(seed, HELDOUT)
 
 
 def heldout_episodes(game: str, seed: int, env_cfg: EnvConfig, num_episodes: int, chunk_steps: int = 100) -> list[Episode]:
@@ -56,21 +56,13 @@ def heldout_episodes(game: str, seed: int, env_cfg: EnvConfig, num_episodes: int
     try:
         store = EpisodeStore(tmp / "episodes", game=game, num_actions=n)
         env = make_env(game, s, train=True, config=env_cfg)
-        collector = Collector(env, UniformPolicy(n, np.random.default_rng([s, 1])), store)
+        collector = Collector(env, UniformPolicy(n, stream_rng(s, COLLECT_POLICY)), store)
         while len(store) < num_episodes:
             collector.collect(chunk_steps)
         env.close()
         return [store[i] for i in range(num_episodes)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def to_float(frames: np.ndarray, device: torch.device) -> Tensor:
-    return torch.from_numpy(frames).to(device).float().div(127.5).sub(1.0)
-
-
-def to_uint8(frames: Tensor) -> np.ndarray:
-    return ((frames.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
 
 
 def rollout_starts(num_steps: int, context: int, horizon: int, starts_per_episode: int | None = None) -> list[int]:
@@ -240,8 +232,6 @@ def side_by_side_gif(
     generator: torch.Generator | None,
 ) -> bytes:
     """GIF bytes of one open-loop rollout from the episode start: real on the left, imagined right."""
-    import imageio.v3 as iio
-
     horizon = max(1, min(num_frames, episode.num_steps - context + 1))
     data = rollout_windows([episode], context, horizon)
     frames = to_float(data["frames"][:1], device)
@@ -249,8 +239,7 @@ def side_by_side_gif(
     imagined = to_uint8(imagine_open_loop(sampler, frames, actions, context, horizon, generator))[0]
     real = data["frames"][0, context:]
     pairs = np.concatenate([real, np.full_like(real[:, :, :, :2], 255), imagined], axis=3)  # (H, 3, h, 2w+2)
-    pairs = pairs.transpose(0, 2, 3, 1).repeat(GIF_SCALE, axis=1).repeat(GIF_SCALE, axis=2)
-    return iio.imwrite("<bytes>", pairs, extension=".gif", duration=GIF_FRAME_SECONDS * 1000, loop=0)
+    return gif_bytes(pairs, frame_ms=GIF_FRAME_MS)
 
 
 def measure_fidelity(

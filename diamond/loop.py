@@ -8,7 +8,7 @@ reward/termination model and the actor-critic for their steps per epoch, until t
 real-interaction budget (`total_env_steps`, initial collection included) is spent; then
 `final_epochs_without_collection` epochs train without collecting.
 
-Resume. The whole state (models, optimisers, epoch, step counts, the dataset's episode count,
+Resume (the scheme of diamond/resume.py, shared with diamond/world_model_loop.py). The whole state (models, optimisers, epoch, step counts, the dataset's episode count,
 numpy and torch random states, and the collection in progress: the emulator's state with its
 random state, the unfinished episode's frames and the policy's LSTM state) is saved atomically
 every `checkpoint_every_epochs` epochs, so a resumed run continues the very game it was playing
@@ -43,6 +43,8 @@ from diamond.evaluation import test_episode_returns
 from diamond.imagination import ImaginationEnv
 from diamond.io import ArtifactError, atomic_save_torch, load_torch
 from diamond.models.actor_critic import ActorCritic
+from diamond.resume import RESUME_KEY, curve_csv_bytes, restore_rng_state, rng_state
+from diamond.seeds import AGENT_TEST_ENV, AGENT_TEST_POLICY, AGENT_TRAIN_ENV, derived_seed
 from diamond.training import Trainer, train_steps
 from diamond.world_model import WorldModel
 
@@ -83,18 +85,13 @@ class AgentRun:
         return self.epoch >= self.total_epochs
 
 
-def derived_seed(seed: int, *keys: int) -> int:
-    """An independent 32-bit seed for one purpose (environment of an epoch, test episodes, ...)."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
-
-
 def _segments(run: AgentRun) -> SegmentSampler:
     return SegmentSampler(run.store, run.segment_rng)
 
 
 def _new_collector(run: AgentRun) -> Collector:
     """The agent's collector: one training environment for the whole run, seeded from the seed."""
-    env = make_env(run.game, derived_seed(run.seed, 0, 1), train=True, config=run.params.env)
+    env = make_env(run.game, derived_seed(run.seed, *AGENT_TRAIN_ENV), train=True, config=run.params.env)
     policy = AgentPolicy(run.actor_critic, run.params.agent.epsilon, run.policy_rng, run.device,
                          temperature=run.params.agent.collect_temperature_of(run.game))
     return Collector(env, policy, run.store, store_in_progress=True)
@@ -190,9 +187,9 @@ def run_epoch(run: AgentRun) -> dict[str, float]:
     row.update({f"actor_critic/{k}": v for k, v in ac.items()})
     run.epoch += 1
     if run.epoch % cfg.test_every_epochs == 0 or run.done:
-        policy = AgentPolicy(run.actor_critic, 0.0, np.random.default_rng(derived_seed(run.seed, run.epoch, 2)), run.device)
+        policy = AgentPolicy(run.actor_critic, 0.0, np.random.default_rng(derived_seed(run.seed, run.epoch, AGENT_TEST_POLICY)), run.device)
         run.actor_critic.eval()
-        returns = test_episode_returns(run.game, derived_seed(run.seed, run.epoch, 3), run.params.env, policy, cfg.test_episodes)
+        returns = test_episode_returns(run.game, derived_seed(run.seed, run.epoch, AGENT_TEST_ENV), run.params.env, policy, cfg.test_episodes)
         row["test/return_mean"] = float(np.mean(returns))
     row.update({"env_steps": run.env_steps, "num_episodes": len(run.store), "epoch_seconds": time.perf_counter() - start})
     run.curve.append(row)
@@ -202,7 +199,7 @@ def run_epoch(run: AgentRun) -> dict[str, float]:
 def train(
     run: AgentRun,
     state_dir: Path,
-    run_key: str,
+    key: str,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> AgentRun:
     """Run the remaining epochs, checkpointing into `state_dir`; the final state is saved too."""
@@ -212,17 +209,17 @@ def train(
         if on_epoch is not None:
             on_epoch(row)
         if run.epoch % every == 0 or run.done:
-            save_state(run, state_dir / STATE_FILE, run_key)
+            save_state(run, state_dir / STATE_FILE, key)
     return run
 
 
 # ---------------------------------------------------------------- whole-state checkpoint
 
 
-def save_state(run: AgentRun, path: Path, run_key: str) -> None:
+def save_state(run: AgentRun, path: Path, key: str) -> None:
     wm = run.world_model
     atomic_save_torch(path, {
-        "run_key": run_key,
+        RESUME_KEY: key,
         "epoch": run.epoch,
         "env_steps": run.env_steps,
         "initial_env_steps": run.initial_env_steps,
@@ -233,19 +230,25 @@ def save_state(run: AgentRun, path: Path, run_key: str) -> None:
         "reward_end_trainer": wm.reward_end_trainer.state_dict(),
         "actor_critic": run.actor_critic.state_dict(),
         "actor_critic_trainer": run.actor_critic_trainer.state_dict(),
-        "segment_rng": run.segment_rng.bit_generator.state,
-        "policy_rng": run.policy_rng.bit_generator.state,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        **rng_state(_generators(run)),
         "curve": run.curve,
         "collection": _collection_state(run),
     })
 
 
-def saved_run_key(state_dir: Path) -> str | None:
-    """The key of the run saved in `state_dir`, or None when there is none (or it is unreadable)."""
+def _generators(run: AgentRun) -> dict[str, np.random.Generator]:
+    return {"segment_rng": run.segment_rng, "policy_rng": run.policy_rng}
+
+
+def curve_csv(run: AgentRun) -> bytes:
+    """The per-epoch curve as CSV, `epoch` first."""
+    return curve_csv_bytes(run.curve, ["epoch"])
+
+
+def saved_resume_key(state_dir: Path) -> str | None:
+    """The resume key of the run saved in `state_dir`, or None when there is none (or it is unreadable)."""
     try:
-        return load_torch(state_dir / STATE_FILE).get("run_key")
+        return load_torch(state_dir / STATE_FILE).get(RESUME_KEY)
     except ArtifactError:
         return None
 
@@ -260,11 +263,7 @@ def load_state(run: AgentRun, state_dir: Path) -> AgentRun:
     wm.reward_end_trainer.load_state_dict(state["reward_end_trainer"])
     run.actor_critic.load_state_dict(state["actor_critic"])
     run.actor_critic_trainer.load_state_dict(state["actor_critic_trainer"])
-    run.segment_rng.bit_generator.state = state["segment_rng"]
-    run.policy_rng.bit_generator.state = state["policy_rng"]
-    torch.set_rng_state(state["torch_rng"].cpu())
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    restore_rng_state(state, _generators(run))
     run.epoch, run.env_steps = int(state["epoch"]), int(state["env_steps"])
     run.initial_env_steps = int(state["initial_env_steps"])
     run.curve = list(state["curve"])

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from diamond.games import REFERENCE_METHODS
 from diamond.io import ArtifactError, read_json
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference_data"
 # Methods shipped in reference_data/, in the order the tables show them (README.md there).
-REFERENCE_METHODS: tuple[str, ...] = ("DIAMOND", "IRIS", "SimPLe", "SPR", "DrQ-eps", "EfficientZero", "CURL")
 RESULT_KEYS = ("game", "seed", "episode_returns", "mean_return", "human_normalized_score", "num_episodes", "method")
 
 
@@ -216,3 +216,17 @@ def results_by_method(results: Sequence[RunResult]) -> list[MethodScores]:
         scores = {g: np.array([r.mean_return for r in sorted(rs, key=lambda r: r.seed)]) for g, rs in games.items()}
         out.append(MethodScores(method, scores))
     return out
+
+
+def score_record(game: str, seed: int, returns: list[float], method: str) -> dict:
+    """The score.json contract read by `aggregate`."""
+    mean = float(np.mean(returns))
+    return {
+        "game": game,
+        "seed": seed,
+        "episode_returns": [float(r) for r in returns],
+        "mean_return": mean,
+        "human_normalized_score": float(human_normalized(game, mean)),
+        "num_episodes": len(returns),
+        "method": method,
+    }

@@ -29,14 +29,13 @@ from torch import Tensor
 
 from diamond.config import ConfigError, StudyVariant, WorldModelConfig, validate_variant
 from diamond.data import Episode, EpisodeStore, SegmentSampler
-from diamond.fidelity import PSNR_MAX_DB, imagine_open_loop, rollout_windows, to_float, to_uint8
+from diamond.fidelity import PSNR_MAX_DB, imagine_open_loop, rollout_windows
+from diamond.frames import to_float, to_uint8
 from diamond.models.denoiser import Denoiser
+from diamond.seeds import STUDY_SEGMENTS, stream_rng
 from diamond.training import Trainer
-from diamond.world_model import make_sampler
 
 METRICS = ("mse", "psnr", "ssim")
-SEGMENT_STREAM = 2  # stream of the job seed for segment sampling (as stages.train_world_model)
-ROLLOUT_STREAM = 3  # stream of the job seed for the sampler's noise during rollouts
 ROLLOUT_BATCH = 16  # rollouts imagined at once: bounds the memory of 1000-step horizons
 
 
@@ -99,7 +98,7 @@ def train_denoiser(
     trainer = Trainer(denoiser, cfg.denoiser_optimizer)
     # A static dataset has no recency: every step equally likely, as the official trainer samples
     # one (config/trainer.yaml static_dataset.ignore_sample_weights: True).
-    segments = SegmentSampler(episodes, np.random.default_rng([seed, SEGMENT_STREAM]), weights=None)  # type: ignore[arg-type]
+    segments = SegmentSampler(episodes, stream_rng(seed, STUDY_SEGMENTS), weights=None)  # type: ignore[arg-type]
     denoiser.train()
     for step in range(steps):
         seg = segments.sample(cfg.batch_size, cfg.denoiser.training_segment_steps).to_torch(device)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from diamond.config import OptimizerConfig
+from diamond.config import OptimizerConfig, Params
 from diamond.io import ArtifactError
 
 # Official configure_opt (src/utils.py, after minGPT): only the weights of these layers decay ...
@@ -149,10 +149,10 @@ def set_tf32(enabled: bool) -> None:
 def set_memory_format(channels_last: bool, *models: nn.Module) -> None:
     """Move the models' 4-D weights to channels-last (NHWC) or back, in place.
 
-    Convolutions follow their weights' layout, so the whole network then runs on NHWC kernels:
-    on the 2-core CPU the denoiser's training step is ~1.5x faster (`python -m diamond.bench
-    --channels-last`). Results equal the default layout's up to float rounding. Parameters keep
-    their identity, so an optimiser built before the move stays valid.
+    Convolutions follow their weights' layout, so the whole network then runs on NHWC kernels
+    (speed figures: docs/results.md, "Speed switches"). Results equal the default layout's up to
+    float rounding. Parameters keep their identity, so an optimiser built before the move stays
+    valid.
     """
     layout = torch.channels_last if channels_last else torch.contiguous_format
     for model in models:
@@ -164,11 +164,21 @@ def compile_networks(enabled: bool, *networks: nn.Module) -> None:
     code is specialised to the weights' layout).
 
     In place (nn.Module.compile), so parameter names, state dicts and checkpoints are those of
-    the eager network. Inductor fuses the GroupNorm/SiLU/add chains around the convolutions:
-    on the 2-core CPU denoiser sampling is ~1.4x faster at the small config and the paper-size
-    training step ~1.7x with channels-last (`python -m diamond.bench --channels-last --compile`),
-    for ~25-60 s of compilation per process. Results equal eager mode's up to float rounding.
+    the eager network. Inductor fuses the GroupNorm/SiLU/add chains around the convolutions
+    (speed and compilation time: docs/results.md, "Speed switches"). Results equal eager mode's
+    up to float rounding.
     """
     if enabled:
         for network in networks:
             network.compile()
+
+
+def apply_speed_switches(p: Params, models: tuple[nn.Module, ...], denoiser_net: nn.Module | None) -> None:
+    """The params' speed switches, in the one order every stage uses: `tf32`, then `channels_last`
+    on `models`, then `compile_denoiser` on the denoiser's U-Net (after the layout change, which
+    compiled code is specialised to). `reuse_freed_memory` is a process setting, applied at stage
+    start (diamond/allocator.py). None changes results beyond float rounding (tests/test_speed_switches.py)."""
+    set_tf32(p.tf32)
+    set_memory_format(p.channels_last, *models)
+    if denoiser_net is not None:
+        compile_networks(p.compile_denoiser, denoiser_net)

@@ -32,6 +32,7 @@ from diamond.data import EpisodeStore
 from diamond.env import make_env, num_actions
 from diamond.io import load_torch
 from diamond.loop import AgentRun, _new_collector
+from diamond.seeds import AGENT_POLICY, stream_rng
 from diamond.models.actor_critic import ActorCritic
 
 GAME = "Freeway"
@@ -43,7 +44,7 @@ def collect(p, ac: ActorCritic, temperatures: dict[str, float], steps: int, seed
     run = AgentRun(params=params, game=GAME, seed=seed, device=torch.device("cpu"),
                    store=EpisodeStore(root, GAME, num_actions(GAME)), world_model=None, actor_critic=ac,
                    actor_critic_trainer=None, segment_rng=np.random.default_rng(seed),
-                   policy_rng=np.random.default_rng([seed, 12]), initial_env_steps=0, env_steps=0)
+                   policy_rng=stream_rng(seed, AGENT_POLICY), initial_env_steps=0, env_steps=0)
     collector = _new_collector(run)
     collector.collect(steps)
     collector.flush()

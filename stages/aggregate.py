@@ -16,11 +16,11 @@ from pathlib import Path
 
 import mlflow
 
-from diamond.config import AggregateConfig, ConfigError
+from diamond.config import ConfigError
 from diamond.released_report import PAPER_METHOD, write_comparison
 from diamond.report import Report, build_report, write_report
-from diamond.scores import REFERENCE_METHODS, load_method, load_results, results_by_method
-from stages.common import base_parser, forget_provenance, load_checked_params, run_main
+from diamond.scores import load_method, load_results, results_by_method
+from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.tracking import stage_run
 
 
@@ -30,20 +30,6 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--reference-only", action="store_true", help="tables from the published scores alone")
     p.add_argument("--out", default=Path("reports"), type=Path, help="output folder (default: reports)")
     return p.parse_args(argv)
-
-
-def check_config(cfg: AggregateConfig) -> None:
-    for name in cfg.reference_methods:
-        if name not in REFERENCE_METHODS:
-            raise ConfigError(
-                f"aggregate.reference_methods: unknown method {name!r}; allowed: {', '.join(REFERENCE_METHODS)}"
-            )
-    if cfg.bootstrap_reps < 2:
-        raise ConfigError(
-            f"aggregate.bootstrap_reps: {cfg.bootstrap_reps} is too few; use at least 2 (2000 in the paper's protocol)"
-        )
-    if not 0.0 < cfg.confidence < 1.0:
-        raise ConfigError(f"aggregate.confidence: {cfg.confidence} must lie strictly between 0 and 1 (e.g. 0.95)")
 
 
 def metric_name(*parts: str) -> str:
@@ -73,14 +59,13 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("--results: no score files given; pass runs/*/score.json or use --reference-only")
     params = load_checked_params(args)
     cfg = params.aggregate
-    check_config(cfg)
     forget_provenance(args.out, "aggregate")
     if args.reference_only and not cfg.reference_methods:
         raise ConfigError("aggregate.reference_methods is empty: --reference-only has nothing to show")
     results = load_results(args.results)  # every file checked before any work
     runs = results_by_method(results)
     reference = [load_method(m) for m in cfg.reference_methods]
-    with stage_run("aggregate", sections={"aggregate": cfg}, inputs=list(args.results)):
+    with stage_run("aggregate", sections=stage_sections(params, "aggregate"), inputs=list(args.results)):
         mlflow.set_tags({"reference_only": str(args.reference_only), "run_methods": ", ".join(m.name for m in runs)})
         report = build_report(reference, runs, cfg.bootstrap_reps, cfg.confidence, cfg.bootstrap_seed)
         written = write_report(report, args.out)

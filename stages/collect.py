@@ -21,24 +21,15 @@ import mlflow
 import numpy as np
 
 from diamond.collector import Collector, EpisodeStats, UniformPolicy
-from diamond.config import CollectConfig, ConfigError
+from diamond.config import CollectConfig
 from diamond.data import EpisodeStore
 from diamond.env import make_env, num_actions
 from diamond.io import atomic_directory, atomic_write_json
-from stages.common import base_parser, forget_provenance, load_checked_params, run_main
+from diamond.seeds import COLLECT_POLICY, stream_rng
+from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.tracking import stage_run
 
 # Stream of the run seed that drives the uniform policy (the env has its own, seeded by `seed`).
-POLICY_STREAM = 1
-
-
-def check_collect_config(c: CollectConfig) -> None:
-    if c.chunk_steps < 1:
-        raise ConfigError(f"collect.chunk_steps: {c.chunk_steps} must be >= 1")
-    if c.min_steps < 1:
-        raise ConfigError(f"collect.min_steps: {c.min_steps} must be >= 1")
-    if c.min_minority_rewards < 0:
-        raise ConfigError(f"collect.min_minority_rewards: {c.min_minority_rewards} must be >= 0")
 
 
 def minority_rewards(reward_counts: dict[int, int]) -> int:
@@ -96,15 +87,14 @@ def main() -> None:
     args = parser.parse_args()
     p = load_checked_params(args)
     forget_provenance(args.out_dataset.parent, "collect")
-    check_collect_config(p.collect)
     game, seed = args.game, args.seed
 
-    with stage_run("collect", sections={"env": p.env, "collect": p.collect}, game=game, seed=seed, inputs=[]):
+    with stage_run("collect", sections=stage_sections(p, "collect"), game=game, seed=seed, inputs=[]):
         with atomic_directory(args.out_dataset) as tmp:
             n = num_actions(game)
             store = EpisodeStore(tmp, game=game, num_actions=n)
             env = make_env(game, seed, train=True, config=p.env)
-            policy = UniformPolicy(n, np.random.default_rng([seed, POLICY_STREAM]))
+            policy = UniformPolicy(n, stream_rng(seed, COLLECT_POLICY))
             collector = Collector(env, policy, store)
 
             def on_chunk(steps: int, minority: int) -> None:

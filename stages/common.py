@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from diamond.config import ConfigError, Params, load_params
+from diamond.config import ConfigError, Params, load_params, to_dict
+from diamond.games import ATARI_100K_GAMES
 from diamond.io import ArtifactError
+from stages.stage_params import STAGE_PARAMS
 
 
 def base_parser(description: str, per_run: bool = True) -> argparse.ArgumentParser:
@@ -49,11 +53,28 @@ def load_checked_params(args: argparse.Namespace) -> Params:
     check_tracking_server()
     game = getattr(args, "game", None)
     if game is not None:
-        from diamond.env import ATARI_100K_GAMES
-
         if game not in ATARI_100K_GAMES:
             raise ConfigError(f"--game: unknown game {game!r}; allowed: {', '.join(ATARI_100K_GAMES)}")
     return params
+
+
+def stage_sections(params: Params, stage: str) -> dict[str, Any]:
+    """The params `stage` reads (stages/stage_params.py STAGE_PARAMS): whole sections as their
+    dataclasses, dotted keys as nested dicts of YAML data under their section."""
+    out: dict[str, Any] = {}
+    for key in STAGE_PARAMS[stage]:
+        section, *rest = key.split(".")
+        value = getattr(params, section)
+        if not rest:
+            out[section] = value
+            continue
+        node = out.setdefault(section, {})
+        for part in rest[:-1]:
+            value = getattr(value, part)
+            node = node.setdefault(part, {})
+        value = getattr(value, rest[-1] + ("_" if rest[-1] == "lambda" else ""))
+        node[rest[-1]] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 PROVENANCE_DIR = ".provenance"  # stages/pipeline.py records there which params and code built a job

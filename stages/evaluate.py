@@ -32,40 +32,20 @@ import torch
 
 from diamond.agent_checkpoint import read_agent_checkpoint
 from diamond.allocator import reuse_freed_memory
-from diamond.config import ConfigError, EvaluateConfig
 from diamond.data import Episode, EpisodeStore, SegmentSampler
 from diamond.env import num_actions
-from diamond.evaluation import agent_test_returns, imagined_frames, score_record, write_gif
+from diamond.evaluation import agent_test_returns, imagined_frames
+from diamond.frames import write_gif
 from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
 from diamond.imagination import ImaginationEnv
 from diamond.io import atomic_write_json
-from diamond.loop import derived_seed
 from diamond.models.actor_critic import ActorCritic
-from diamond.training import compile_networks, set_memory_format, set_tf32
+from diamond.scores import score_record
+from diamond.seeds import EVALUATE_IMAGINATION, EVALUATE_TEST_EPISODES, derived_seed
+from diamond.training import apply_speed_switches
 from diamond.world_model import load_world_model
-from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
 from stages.tracking import stage_run
-
-# Streams of the run seed used here (train-agent uses 1..3 per epoch and 11..13; 22 was the
-# test policy's before each test episode got its own streams).
-TEST_EPISODES_STREAM, IMAGINATION_STREAM = 21, 23
-
-
-def check_evaluate_config(e: EvaluateConfig) -> None:
-    if e.episodes < 1:
-        raise ConfigError(f"evaluate.episodes: {e.episodes} must be >= 1")
-    if not 0.0 <= e.epsilon <= 1.0:
-        raise ConfigError(f"evaluate.epsilon: {e.epsilon} is not a probability in [0, 1]")
-    if e.fidelity_episodes < 1 or not e.fidelity_horizons or min(e.fidelity_horizons) < 1:
-        raise ConfigError(
-            f"evaluate.fidelity_episodes ({e.fidelity_episodes}) and every fidelity_horizons entry "
-            f"({e.fidelity_horizons}) must be >= 1"
-        )
-    if e.gif_frames < 1:
-        raise ConfigError(f"evaluate.gif_frames: {e.gif_frames} must be >= 1")
-    if e.num_envs < 1:
-        raise ConfigError(f"evaluate.num_envs: {e.num_envs} must be >= 1")
-
 
 @contextmanager
 def starts_store(store: EpisodeStore | None, episodes: list[Episode], game: str) -> Iterator[EpisodeStore]:
@@ -90,7 +70,6 @@ def main() -> None:
     parser.add_argument("--out-media", required=True, type=Path)
     args = parser.parse_args()
     p = load_checked_params(args)
-    check_evaluate_config(p.evaluate)
     forget_provenance(args.out_score.parent, "evaluate-released" if args.released else "evaluate")
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
@@ -99,26 +78,22 @@ def main() -> None:
     agent = read_agent_checkpoint(args.agent, game)
     store = EpisodeStore(args.dataset, game=game) if args.dataset else None
 
-    sections = {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "evaluate": p.evaluate,
-                "method_name": method, "channels_last": p.channels_last,
-                "compile_denoiser": p.compile_denoiser, "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32}
+    sections = stage_sections(p, "evaluate-released" if args.released else "evaluate")
     with stage_run("evaluate", sections=sections, game=game, seed=seed, inputs=[a for a in (args.agent, args.dataset) if a]):
         mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
         if "imported_from" in agent:
             mlflow.set_tags({f"imported_from.{k}": v for k, v in agent["imported_from"].items()})
-        torch.manual_seed(derived_seed(seed, IMAGINATION_STREAM))
+        torch.manual_seed(derived_seed(seed, EVALUATE_IMAGINATION))
         ac = ActorCritic(p.actor_critic, num_actions(game), p.env.obs_size).to(device)
         ac.load_state_dict(agent["actor_critic"])
         ac.eval()
         wm = load_world_model(args.agent, device, cfg=p.world_model, ckpt=agent["world_model"])
-        set_tf32(p.tf32)
-        set_memory_format(p.channels_last, wm.denoiser, wm.reward_end, ac)
-        compile_networks(p.compile_denoiser, wm.denoiser.net)
+        apply_speed_switches(p, (wm.denoiser, wm.reward_end, ac), wm.denoiser.net)
         wm.denoiser.eval()
         wm.reward_end.eval()
 
         # Score: test episodes in the real game; the first one is also filmed.
-        returns, film = agent_test_returns(game, derived_seed(seed, TEST_EPISODES_STREAM), p.env, ac, ev.epsilon,
+        returns, film = agent_test_returns(game, derived_seed(seed, EVALUATE_TEST_EPISODES), p.env, ac, ev.epsilon,
                                            ev.episodes, ev.num_envs, device, film_frames=ev.gif_frames)
         score = score_record(game, seed, returns, method)
         if "imported_from" in agent:
@@ -132,7 +107,7 @@ def main() -> None:
         episodes = heldout_episodes(game, seed, p.env, ev.fidelity_episodes)
         with starts_store(store, episodes, game) as starts:
             # The agent in imagination, started from the final dataset (or the held-out episodes).
-            dream = ImaginationEnv(wm.sampler, wm.reward_end, SegmentSampler(starts, np.random.default_rng(derived_seed(seed, IMAGINATION_STREAM))),
+            dream = ImaginationEnv(wm.sampler, wm.reward_end, SegmentSampler(starts, np.random.default_rng(derived_seed(seed, EVALUATE_IMAGINATION))),
                                    context, batch_size=1, horizon=ev.gif_frames, device=device)
             write_gif(media / "agent_imagination.gif", imagined_frames(ac, dream, ev.gif_frames))
 

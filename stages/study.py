@@ -17,18 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 
 from diamond.allocator import reuse_freed_memory
 from diamond.config import Params, StudyVariant, to_dict
 from diamond.data import EpisodeStore
 from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
-from diamond.study import (EpisodeSubset, ROLLOUT_STREAM, errors_npz, heldout_split, horizon_summary, open_loop_errors,
+from diamond.seeds import STUDY_ROLLOUTS, derived_seed
+from diamond.study import (EpisodeSubset, errors_npz, heldout_split, horizon_summary, open_loop_errors,
                            train_denoiser, variant_config)
-from diamond.training import compile_networks, set_memory_format, set_tf32
+from diamond.training import apply_speed_switches
 from diamond.world_model import make_sampler
-from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
 from stages.tracking import stage_run
 
 LOG_POINTS = 50  # loss points logged to MLflow per training run
@@ -47,18 +47,6 @@ def open_dataset(path: Path, game: str, obs_size: int | None = None) -> EpisodeS
     return store
 
 
-def sections(p: Params) -> dict[str, Any]:
-    """The params this stage reads (dvc.yaml `params`, stages/pipeline.py STAGE_PARAMS)."""
-    wm = p.world_model
-    return {
-        "device": p.device, "channels_last": p.channels_last, "compile_denoiser": p.compile_denoiser,
-        "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32,
-        "world_model": {"denoiser": to_dict(wm.denoiser), "sampler": to_dict(wm.sampler),
-                        "denoiser_optimizer": to_dict(wm.denoiser_optimizer), "batch_size": wm.batch_size},
-        "study": {k: getattr(p.study, k) for k in ("dataset", "denoiser_steps", "heldout_episodes", "rollouts_per_episode", "horizons")},
-    }
-
-
 def run(args: Any, p: Params) -> None:
     s, game, seed = p.study, args.game, args.seed
     variant = StudyVariant(args.variant, args.formulation, args.num_steps)
@@ -73,9 +61,7 @@ def run(args: Any, p: Params) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     def prepare(net: torch.nn.Module) -> None:
-        set_tf32(p.tf32)
-        set_memory_format(p.channels_last, net)
-        compile_networks(p.compile_denoiser, net.net)
+        apply_speed_switches(p, (net,), net.net)
 
     log_every = max(1, s.denoiser_steps // LOG_POINTS)
 
@@ -83,7 +69,7 @@ def run(args: Any, p: Params) -> None:
         if step % log_every == 0 or step == s.denoiser_steps:
             mlflow.log_metrics({f"denoiser_{k}": v for k, v in metrics.items()}, step=step)
 
-    with stage_run("study", sections=sections(p), game=game, seed=seed, inputs=[dataset]):
+    with stage_run("study", sections=stage_sections(p, "study"), game=game, seed=seed, inputs=[dataset]):
         # runs of one variant group together in the UI (Group by > tags > study_variant)
         mlflow.set_tags({"study_variant": variant.name, "study_formulation": variant.formulation,
                          "study_num_steps": str(variant.num_steps), "mlflow.runName": f"study/{game}-{variant.name}-{seed}",
@@ -95,7 +81,7 @@ def run(args: Any, p: Params) -> None:
         start = time.perf_counter()
         errors = open_loop_errors(
             make_sampler(denoiser, cfg), [store[i] for i in heldout_idx], context, s.horizons, s.rollouts_per_episode,
-            device, int(np.random.SeedSequence([seed, ROLLOUT_STREAM]).generate_state(1)[0]),
+            device, derived_seed(seed, STUDY_ROLLOUTS),
         )
         rollout_seconds = time.perf_counter() - start
         args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from diamond.config import ConfigError, Params
 from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json
 from diamond.study import load_errors
 from diamond.study_report import BASELINE, plot_error_vs_horizon, plot_frame_strip, summarize, table_csv, table_markdown
-from stages.common import forget_provenance, load_checked_params, run_main, base_parser
+from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.tracking import stage_run
 
 ERRORS_FILE = "errors.npz"  # as stages.study writes it
@@ -47,7 +47,7 @@ def main() -> None:
         raise ConfigError(f"--game: {args.game!r} is not in study.games {p.study.games}")
     forget_provenance(args.out, "study-report")
     errors = job_errors(args.jobs_dir, p)
-    with stage_run("study-report", sections={"study": p.study}, inputs=[args.jobs_dir]):
+    with stage_run("study-report", sections=stage_sections(p, "study-report"), inputs=[args.jobs_dir]):
         mlflow.set_tags({"game": args.game})
         results = summarize(p.study, errors)
         args.out.mkdir(parents=True, exist_ok=True)

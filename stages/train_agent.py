@@ -15,54 +15,32 @@ fresh, and says so). The outputs are written only on completion, each atomically
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import hashlib
-import io
-import json
 import shutil
 import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import torch
 
 from diamond.agent_checkpoint import agent_checkpoint, read_agent_checkpoint
 from diamond.allocator import reuse_freed_memory
-from diamond.config import AgentConfig, ConfigError, Params, to_dict
+from diamond.config import Params, to_dict
 from diamond.data import EpisodeStore
 from diamond.env import num_actions
 from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
-from diamond.loop import DATASET_DIR, STATE_FILE, AgentRun, load_state, saved_run_key, train
+from diamond.loop import DATASET_DIR, STATE_FILE, AgentRun, curve_csv, load_state, saved_resume_key, train
 from diamond.models.actor_critic import ActorCritic
-from diamond.training import Trainer, compile_networks, set_memory_format, set_tf32
+from diamond.resume import resume_key
+from diamond.seeds import AGENT_POLICY, AGENT_SEGMENTS, AGENT_TORCH, derived_seed, stream_rng
+from diamond.training import Trainer, apply_speed_switches
 from diamond.world_model import load_world_model, world_model_state
-from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
+from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
 from stages.tracking import dvc_md5, stage_run
-
-# Streams of the run seed (collect uses 1 for its uniform policy).
-SEGMENT_STREAM, POLICY_STREAM, TORCH_STREAM = 11, 12, 13
-
-
-def check_agent_config(a: AgentConfig) -> None:
-    for name in ("total_env_steps", "collect_steps_per_epoch", "test_every_epochs", "test_episodes",
-                 "checkpoint_every_epochs"):
-        if getattr(a, name) < 1:
-            raise ConfigError(f"agent.{name}: {getattr(a, name)} must be >= 1")
-    for name in ("first_epoch_actor_critic_steps", "denoiser_steps_per_epoch", "reward_end_steps_per_epoch",
-                 "actor_critic_steps_per_epoch", "final_epochs_without_collection"):
-        if getattr(a, name) < 0:
-            raise ConfigError(f"agent.{name}: {getattr(a, name)} must be >= 0")
-    if not 0.0 <= a.epsilon <= 1.0:
-        raise ConfigError(f"agent.epsilon: {a.epsilon} is not a probability in [0, 1]")
-
 
 def sections(p: Params) -> dict:
     """The config this stage reads (and whose hash decides whether a saved state may resume)."""
-    return {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "agent": p.agent,
-            "channels_last": p.channels_last, "compile_denoiser": p.compile_denoiser,
-            "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32}
+    return stage_sections(p, "train-agent")
 
 
 def run_key(p: Params, game: str, seed: int, dataset: Path, world_model: Path, init_agent: Path | None = None) -> str:
@@ -71,14 +49,14 @@ def run_key(p: Params, game: str, seed: int, dataset: Path, world_model: Path, i
     parts.update(game=game, seed=seed, device=p.device, dataset=dvc_md5(dataset), world_model=dvc_md5(world_model))
     if init_agent is not None:
         parts["init_agent"] = dvc_md5(init_agent)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return resume_key(**parts)
 
 
 def build_run(
     p: Params, game: str, seed: int, store: EpisodeStore, world_model: Path, device: torch.device,
     init_agent: Path | None = None,
 ) -> AgentRun:
-    torch.manual_seed(int(np.random.SeedSequence([seed, TORCH_STREAM]).generate_state(1)[0]))
+    torch.manual_seed(derived_seed(seed, AGENT_TORCH))
     n = num_actions(game)
     wm = load_world_model(world_model, device, cfg=p.world_model)
     if wm.num_actions != n:
@@ -88,21 +66,19 @@ def build_run(
     ac = ActorCritic(p.actor_critic, n, p.env.obs_size).to(device)
     if init_agent is not None:  # continue training an agent (e.g. imported official weights)
         ac.load_state_dict(read_agent_checkpoint(init_agent, game)["actor_critic"])
-    set_tf32(p.tf32)
-    set_memory_format(p.channels_last, wm.denoiser, wm.reward_end, ac)
-    compile_networks(p.compile_denoiser, wm.denoiser.net)
+    apply_speed_switches(p, (wm.denoiser, wm.reward_end, ac), wm.denoiser.net)
     return AgentRun(
         params=p, game=game, seed=seed, device=device, store=store, world_model=wm,
         actor_critic=ac, actor_critic_trainer=Trainer(ac, p.actor_critic.optimizer),
-        segment_rng=np.random.default_rng([seed, SEGMENT_STREAM]),
-        policy_rng=np.random.default_rng([seed, POLICY_STREAM]),
+        segment_rng=stream_rng(seed, AGENT_SEGMENTS),
+        policy_rng=stream_rng(seed, AGENT_POLICY),
         initial_env_steps=store.num_steps, env_steps=store.num_steps,
     )
 
 
 def start_or_resume(p: Params, args, key: str, device: torch.device) -> tuple[AgentRun, str]:
     state_dir: Path = args.state_dir
-    saved = saved_run_key(state_dir)
+    saved = saved_resume_key(state_dir)
     if saved == key:
         store = EpisodeStore(state_dir / DATASET_DIR)
         run = load_state(build_run(p, args.game, args.seed, store, args.world_model, device, args.init_agent), state_dir)
@@ -134,12 +110,7 @@ def write_outputs(run: AgentRun, args, wall_seconds: float) -> dict:
         "wall_seconds_this_process": wall_seconds,
     }
     atomic_write_json(args.out_metrics, metrics)
-    columns = sorted({k for row in run.curve for k in row}, key=lambda k: (k != "epoch", k))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(run.curve)
-    atomic_write_bytes(args.out_curve, buf.getvalue().encode())
+    atomic_write_bytes(args.out_curve, curve_csv(run))
     return metrics
 
 
@@ -158,7 +129,6 @@ def main() -> None:
     args = parser.parse_args()
     p = load_checked_params(args)
     forget_provenance(args.out_checkpoint.parent, "train-agent")
-    check_agent_config(p.agent)
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
     for path in (args.dataset, args.world_model, args.init_agent):

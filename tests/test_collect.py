@@ -1,4 +1,4 @@
-"""Collector, test episodes, and the collect stage (DESIGN 3.5) on real ROMs."""
+"""Collector, test episodes, and the collect stage (docs/architecture.md §3.5) on real ROMs."""
 
 from __future__ import annotations
 

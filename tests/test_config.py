@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import tiny_params_dict
-from diamond.config import ConfigError, params_from_dict
+from diamond.config import ConfigError, params_from_dict, to_dict
 
 
 @pytest.mark.parametrize(
@@ -19,6 +19,12 @@ from diamond.config import ConfigError, params_from_dict
         (lambda d: d["released"].update(games=["Tetris"]), "released.games: unknown game 'Tetris'; allowed: Alien,"),
         (lambda d: d["released"].update(filename="models/x.pt"), "released.filename: 'models/x.pt' must contain {game}"),
         (lambda d: d.update(games=[]) or d["released"].update(games=[]), "games and released.games are both empty"),
+        # every range is checked when params load, not when the stage that reads it starts
+        (lambda d: d["agent"].update(epsilon=1.5), "agent.epsilon: 1.5 must be in [0, 1]"),
+        (lambda d: d["world_model"].update(batch_size=0), "world_model.batch_size: 0 must be >= 1"),
+        (lambda d: d["aggregate"].update(reference_methods=["Dreamer"]), "aggregate.reference_methods: unknown method 'Dreamer'"),
+        (lambda d: d["world_model"]["reward_end"].update(segment_length=19),
+         "world_model.reward_end.segment_length: derived (actor_critic.horizon + world_model.denoiser.num_conditioning_frames)"),
     ],
 )
 def test_bad_params_are_one_line_errors_naming_the_key(edit, message: str) -> None:
@@ -33,3 +39,12 @@ def test_released_agents_alone_are_a_valid_run() -> None:
     d = tiny_params_dict()
     d["games"], d["released"]["games"] = [], ["Pong"]
     assert params_from_dict(d).released.games == ["Pong"]
+
+
+def test_reward_end_segment_length_is_derived_from_the_horizon() -> None:
+    """As the official config/trainer.yaml derives rew_end_model.training.seq_length."""
+    d = tiny_params_dict()
+    d["actor_critic"]["horizon"], d["world_model"]["denoiser"]["num_conditioning_frames"] = 7, 3
+    p = params_from_dict(d)
+    assert p.world_model.reward_end.segment_length == 10
+    assert to_dict(p)["world_model"]["reward_end"]["segment_length"] == 10  # hashed and logged with the rest

@@ -1,4 +1,4 @@
-"""The Atari 100k environment on real ROMs (DESIGN 2)."""
+"""The Atari 100k environment on real ROMs (docs/architecture.md §2)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ FIRE = 1  # Breakout's minimal action set: NOOP, FIRE, RIGHT, LEFT
 
 
 def reference_env(game: str) -> gym.Env:
-    """gymnasium's own preprocessing over raw ALE frames, configured as DESIGN 2."""
+    """gymnasium's own preprocessing over raw ALE frames, configured as docs/architecture.md §2 describes."""
     raw = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=0.0, full_action_space=False,
                    max_num_frames_per_episode=CFG.max_episode_frames)
     return AtariPreprocessing(raw, noop_max=CFG.max_noops, frame_skip=CFG.frame_skip, screen_size=CFG.obs_size,

@@ -45,6 +45,31 @@ def test_declared_code_deps_are_the_stage_imports(stage: str) -> None:
     assert sorted(deps) == sorted(expected)
 
 
+@pytest.mark.parametrize("stage", sorted(STAGE_PARAMS))
+def test_stages_log_the_params_they_declare(stage: str) -> None:
+    """The stages hash and log what STAGE_PARAMS declares for them (stages.common.stage_sections)."""
+    from conftest import tiny_params_dict
+    from diamond.config import params_from_dict
+    from stages.common import stage_sections
+    from stages.tracking import params_hash_of
+
+    sections = stage_sections(params_from_dict(tiny_params_dict()), stage)
+    assert set(sections) == {k.split(".")[0] for k in STAGE_PARAMS[stage]}
+    params_hash_of(sections)  # hashable as the MLflow tags need
+
+
+# Modules of the tables, figures and reference scores: editing them must not rerun training.
+REPORTING_MODULES = {"diamond/scores.py", "diamond/metrics.py", "diamond/report.py", "diamond/released_report.py",
+                     "diamond/study_report.py", "stages/aggregate.py", "stages/study_report.py", "stages/pipeline.py"}
+
+
+@pytest.mark.parametrize("stage", ["collect", "train-world-model", "train-agent"])
+def test_training_stages_do_not_depend_on_the_reporting_modules(stage: str) -> None:
+    deps = {_path(d) for d in stage_def(stage)["deps"]}
+    assert not deps & REPORTING_MODULES
+    assert not any(d.startswith("diamond/reference_data") for d in deps)
+
+
 def test_resume_scratch_is_not_an_output() -> None:
     outs = [_path(o) for s in DVC_YAML.values() for o in s.get("outs", [])]
     assert not [o for o in outs if "agent_state" in o]

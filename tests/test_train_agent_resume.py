@@ -90,7 +90,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     )
 
     # A changed params file does not resume the saved state: it starts fresh, and says why.
-    saved_key = load_torch(paths["state_dir"] / "state.pt")["run_key"]
+    saved_key = load_torch(paths["state_dir"] / "state.pt")["resume_key"]
     assert saved_key == run_key(params_from_dict(params_dict), "Breakout", 0, paths["dataset"], paths["world_model"])
     params_dict["agent"]["epsilon"] = 0.5
     write_params(params, params_dict)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from diamond.data.store import EpisodeStore
+from diamond.frames import to_float
 
 RECENCY_WEIGHTS = (0.1, 0.1, 0.1, 0.7)
 
@@ -36,7 +37,7 @@ class Segment:
     def to_torch(self, device: torch.device | str = "cpu") -> Segment:
         """The same batch as tensors on `device`, frames as floats in [-1, 1]."""
         out = {f.name: torch.from_numpy(getattr(self, f.name)).to(device) for f in fields(self)}
-        out["obs"] = out["obs"].float().div_(127.5).sub_(1.0)
+        out["obs"] = to_float(out["obs"])
         return Segment(**out)
 
 
