@@ -349,7 +349,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def _validate(p: Params) -> None:
-    from diamond.env import ATARI_100K_GAMES
+    from diamond.games import ATARI_100K_GAMES
 
     for g in p.games:
         if g not in ATARI_100K_GAMES:

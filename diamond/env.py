@@ -30,16 +30,9 @@ from gymnasium import spaces
 from gymnasium.utils import seeding
 
 from diamond.config import ConfigError, EnvConfig
+from diamond.games import ATARI_100K_GAMES
 
 gymnasium.register_envs(ale_py)
-
-# The 26 games of Atari 100k, by the short names used in the reference score files.
-ATARI_100K_GAMES: tuple[str, ...] = (
-    "Alien", "Amidar", "Assault", "Asterix", "BankHeist", "BattleZone", "Boxing", "Breakout",
-    "ChopperCommand", "CrazyClimber", "DemonAttack", "Freeway", "Frostbite", "Gopher", "Hero",
-    "Jamesbond", "Kangaroo", "Krull", "KungFuMaster", "MsPacman", "Pong", "PrivateEye", "Qbert",
-    "RoadRunner", "Seaquest", "UpNDown",
-)
 
 
 def rom_id(game: str) -> str:

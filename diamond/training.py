@@ -150,7 +150,7 @@ def set_memory_format(channels_last: bool, *models: nn.Module) -> None:
     """Move the models' 4-D weights to channels-last (NHWC) or back, in place.
 
     Convolutions follow their weights' layout, so the whole network then runs on NHWC kernels:
-    on the 2-core CPU the denoiser's training step is ~1.5x faster (`python -m diamond.bench
+    on the 2-core CPU the denoiser's training step is ~1.5x faster (`python -m benchmarks.bench
     --channels-last`). Results equal the default layout's up to float rounding. Parameters keep
     their identity, so an optimiser built before the move stays valid.
     """
@@ -166,7 +166,7 @@ def compile_networks(enabled: bool, *networks: nn.Module) -> None:
     In place (nn.Module.compile), so parameter names, state dicts and checkpoints are those of
     the eager network. Inductor fuses the GroupNorm/SiLU/add chains around the convolutions:
     on the 2-core CPU denoiser sampling is ~1.4x faster at the small config and the paper-size
-    training step ~1.7x with channels-last (`python -m diamond.bench --channels-last --compile`),
+    training step ~1.7x with channels-last (`python -m benchmarks.bench --channels-last --compile`),
     for ~25-60 s of compilation per process. Results equal eager mode's up to float rounding.
     """
     if enabled:
