@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> "$(git rev-parse --git-path info/exclude)"
+EXCLUDE=$(git rev-parse --git-path info/exclude)
+grep -qx '/.whl/' "$EXCLUDE" 2>/dev/null || echo '/.whl/' >> "$EXCLUDE"
 # The four stages' imports (gymnasium, ale-py, mlflow and its store) and the official code's
 # (omegaconf, hydra, wandb and torcheval: tests/fixtures/official/README.md), with what they import
 # that the GPU image lacks.
@@ -18,7 +19,7 @@ graphene graphql-core graphql-relay flask flask-cors itsdangerous gunicorn docke
 google-auth pyasn1 pyasn1-modules fastapi starlette uvicorn gitpython gitdb smmap importlib-metadata
 opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-semantic-conventions pydantic
 pydantic-core typing-inspection annotated-types python-dotenv sqlparse cryptography cffi pycparser huey
-skops prettytable wcwidth omegaconf hydra-core antlr4-python3-runtime"
+skops prettytable wcwidth omegaconf hydra-core"
 pins=()
 for n in $NAMES; do
   v=$("$PY" -m pip show "$n" 2>/dev/null | sed -n 's/^Version: //p')
@@ -31,4 +32,6 @@ mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 -d .whl "${pins[@]}"
+# omegaconf's parser runtime is published as a source archive only (pure Python)
+"$PY" -m pip download -q --no-deps -d .whl "antlr4-python3-runtime==$("$PY" -m pip show antlr4-python3-runtime | sed -n 's/^Version: //p')"
 du -sh .whl
