@@ -4,7 +4,7 @@ glibc serves every allocation above its mmap threshold (dynamic, at most 32 MiB)
 `mmap` and unmaps it on free, and it trims the heap's top once a large block there is freed. The
 paper-size denoiser's activations are 32-64 MiB each (batch 32, 64-128 channels, 64x64), so every
 training step maps, page-faults and zero-fills hundreds of MiB anew: on the 2-core CPU that was
-11-17% of the denoiser's step and two thirds of R's (`python -m diamond.bench --reuse-freed-memory`
+11-17% of the denoiser's step and two thirds of R's (`python -m benchmarks.bench --reuse-freed-memory`
 times both ways in one run). With mmap turned off and trimming out of reach, a freed block is
 reused by the next step's tensor of the same size, as PyTorch's caching allocator does on CUDA.
 Numbers are unchanged, bit for bit: only where memory comes from.

@@ -25,8 +25,10 @@ class Restart:
     """Where trajectories (re)start: rows of the batch and the real context the policy burns in on."""
 
     rows: torch.Tensor  # bool (B,): which rows started a new trajectory
-    context_obs: torch.Tensor  # float (n, L-1, 3, H, W), n = rows.sum(): frames before the first observation
-    context_mask: torch.Tensor  # bool (n, L-1): False on frames padded before an episode start
+    # float (B, L-1, 3, H, W): frames before the first observation, on the rows of `rows` (others
+    # hold zeros); (0, L-1, 3, H, W) when no row restarted. Static shapes: no gather of n rows.
+    context_obs: torch.Tensor
+    context_mask: torch.Tensor  # bool (B, L-1) or (0, L-1): False on frames padded before an episode start
 
 
 @dataclass
@@ -39,14 +41,12 @@ class ImaginedStep:
     restart: Restart
 
 
-def _scatter_state(state: object, rows: torch.Tensor, part: object) -> object:
-    """Write `part` (a state over the selected rows only) into the rows of `state`."""
-    if isinstance(state, torch.Tensor):
-        out = state.clone()
-        index = rows.nonzero().squeeze(-1)
-        out.index_copy_(state.dim() - 2, index, part)
-        return out
-    return type(state)(_scatter_state(s, rows, p) for s, p in zip(state, part))  # type: ignore[arg-type]
+def _where_rows(rows: torch.Tensor, new: object, old: object) -> object:
+    """`new` on the rows where `rows` (B,) is True, `old` elsewhere, for a tensor or a tuple of
+    tensors whose batch dimension is the second to last (LSTM states: (layers, B, D))."""
+    if isinstance(old, torch.Tensor):
+        return torch.where(rows[:, None], new, old)
+    return type(old)(_where_rows(rows, n, o) for n, o in zip(new, old))  # type: ignore[arg-type]
 
 
 class ImaginationEnv:
@@ -79,15 +79,22 @@ class ImaginationEnv:
         self.reward_state: object = None  # reward/termination LSTM state
         self.steps: torch.Tensor | None = None  # (B,) imagined steps since each row's start
 
+    def _draw(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Real starts for n rows on `device`: (L frames, L-1 actions, mask)."""
+        seg = self.segments.sample(n, self.context - 1).to_torch(device)
+        # Padding before an episode start becomes zeros, as the denoiser and R saw it in training.
+        return seg.obs * seg.mask[:, :, None, None, None], seg.act, seg.mask
+
+    @torch.no_grad()
+    def _warm(self, obs: torch.Tensor, act: torch.Tensor) -> object:
+        """The reward/termination LSTM warmed up on the real transitions of the context."""
+        return self.reward_end(obs[:, :-1], act, obs[:, 1:], None)[2]
+
     @torch.no_grad()
     def _start(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
         """Real starts for n rows: (L frames, L-1 actions, mask, warmed reward-model state)."""
-        seg = self.segments.sample(n, self.context - 1).to_torch(self.device)
-        # Padding before an episode start becomes zeros, as the denoiser and R saw it in training.
-        obs, act, mask = seg.obs * seg.mask[:, :, None, None, None], seg.act, seg.mask
-        # Warm the reward/termination LSTM on the real transitions of the context.
-        _, _, state = self.reward_end(obs[:, :-1], act, obs[:, 1:], None)
-        return obs, act, mask, state
+        obs, act, mask = self._draw(n, self.device)
+        return obs, act, mask, self._warm(obs, act)
 
     @torch.no_grad()
     def reset(self) -> tuple[torch.Tensor, Restart]:
@@ -118,19 +125,29 @@ class ImaginationEnv:
         truncated = (self.steps >= self.horizon) & ~terminated
         self.obs_buffer = torch.cat([self.obs_buffer[:, 1:], next_obs[:, None]], dim=1)
         self.act_buffer = torch.cat([self.act_buffer[:, 1:], torch.zeros_like(self.act_buffer[:, :1])], dim=1)
-        obs = next_obs.clone()
         ended = terminated | truncated
-        n = int(ended.sum())
-        context_obs = next_obs.new_zeros((n, self.context - 1, *next_obs.shape[1:]))
-        context_mask = torch.zeros(n, self.context - 1, dtype=torch.bool, device=self.device)
+        obs = next_obs
+        # The one host sync of a step: how many ended rows need a fresh real segment, drawn on the
+        # CPU from the dataset in the order of the rows (official src/envs/world_model_env.py
+        # reset_dead). Everything else keeps the batch's shape: the n segments are laid into B rows
+        # on the CPU, R warms up on all B rows, and torch.where keeps the rows that go on.
+        ended_cpu = ended.cpu()
+        n = int(ended_cpu.sum())
+        context_obs = next_obs.new_zeros((0, self.context - 1, *next_obs.shape[1:]))
+        context_mask = torch.zeros(0, self.context - 1, dtype=torch.bool, device=self.device)
         if n:
-            new_obs, new_act, new_mask, new_state = self._start(n)
-            self.obs_buffer[ended] = new_obs
-            self.act_buffer[ended, :-1] = new_act
-            self.act_buffer[ended, -1] = 0
-            self.reward_state = _scatter_state(self.reward_state, ended, new_state)
-            self.steps[ended] = 0
-            obs[ended] = new_obs[:, -1]
-            context_obs, context_mask = new_obs[:, :-1], new_mask[:, :-1]
+            new_obs, new_act, new_mask = self._draw(n, torch.device("cpu"))
+            full_obs = new_obs.new_zeros((self.batch_size, *new_obs.shape[1:]))
+            full_act = new_act.new_zeros((self.batch_size, *new_act.shape[1:]))
+            full_mask = new_mask.new_zeros((self.batch_size, *new_mask.shape[1:]))
+            full_obs[ended_cpu], full_act[ended_cpu], full_mask[ended_cpu] = new_obs, new_act, new_mask
+            full_obs, full_act, full_mask = (x.to(self.device) for x in (full_obs, full_act, full_mask))
+            new_state = self._warm(full_obs, full_act)
+            self.obs_buffer = torch.where(ended[:, None, None, None, None], full_obs, self.obs_buffer)
+            restart_act = torch.cat([full_act, torch.zeros_like(full_act[:, :1])], dim=1)
+            self.act_buffer = torch.where(ended[:, None], restart_act, self.act_buffer)
+            self.reward_state = _where_rows(ended, new_state, self.reward_state)
+            self.steps = torch.where(ended, torch.zeros_like(self.steps), self.steps)
+            obs = torch.where(ended[:, None, None, None], full_obs[:, -1], next_obs)
+            context_obs, context_mask = full_obs[:, :-1], full_mask[:, :-1]
         return ImaginedStep(obs, reward, terminated, truncated, next_obs, Restart(ended, context_obs, context_mask))
-

@@ -156,42 +156,68 @@ def _train_actor_critic(run: AgentRun, num_steps: int) -> dict[str, float]:
     return metrics
 
 
-def _train_world_model(run: AgentRun) -> dict[str, float]:
-    """One epoch of D and R (skipped in the model-free ablation, which never uses them)."""
+def _train_world_model(run: AgentRun, seconds: dict[str, float]) -> dict[str, float]:
+    """One epoch of D and R (skipped in the model-free ablation, which never uses them); their
+    times go into `seconds` ("denoiser", "reward_end")."""
     p, wm = run.params, run.world_model
     if p.agent.model_free:
         return {}
     segments = _segments(run)
+    start = time.perf_counter()
     d = train_steps(wm.denoiser_trainer, wm.denoiser.compute_loss, segments, p.world_model.batch_size,
                     p.agent.denoiser_steps_per_epoch, p.world_model.denoiser.training_segment_steps, run.device)
+    seconds["denoiser"] = _elapsed(start, run.device)
+    start = time.perf_counter()
     r = train_steps(wm.reward_end_trainer, wm.reward_end.compute_loss, segments, p.world_model.batch_size,
                     p.agent.reward_end_steps_per_epoch, p.world_model.reward_end.segment_length, run.device)
+    seconds["reward_end"] = _elapsed(start, run.device)
     return {**{f"denoiser/{k}": v for k, v in d.items()}, **{f"reward_end/{k}": v for k, v in r.items()}}
 
 
+def _elapsed(start: float, device: torch.device) -> float:
+    """Seconds since `start` (time.perf_counter), once the device's queued work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def run_epoch(run: AgentRun) -> dict[str, float]:
-    """Run epoch `run.epoch` (0-based) and return its metrics row."""
+    """Run epoch `run.epoch` (0-based) and return its metrics row.
+
+    The row's `seconds/<phase>` split the epoch's time into collect, denoiser, reward_end,
+    actor_critic and test (the phases an epoch has; benchmarks/gpu_smoke.py projects a run from them).
+    """
     cfg = run.params.agent
     start = time.perf_counter()
     row: dict[str, float] = {"epoch": run.epoch}
+    seconds: dict[str, float] = {}
     if run.epoch == 0:
+        phase = time.perf_counter()
         ac = _train_actor_critic(run, cfg.first_epoch_actor_critic_steps)
+        seconds["actor_critic"] = _elapsed(phase, run.device)
     else:
         if run.epoch <= run.collect_epochs:
             budget = cfg.total_env_steps - run.env_steps
+            phase = time.perf_counter()
             stats = _collect(run, min(cfg.collect_steps_per_epoch, budget))
+            seconds["collect"] = _elapsed(phase, run.device)
             if stats:
                 row["collect/episode_return"] = float(np.mean([s.ret for s in stats]))
-        row.update(_train_world_model(run))
+        row.update(_train_world_model(run, seconds))
+        phase = time.perf_counter()
         ac = _train_actor_critic(run, cfg.actor_critic_steps_per_epoch)
+        seconds["actor_critic"] = _elapsed(phase, run.device)
     row.update({f"actor_critic/{k}": v for k, v in ac.items()})
     run.epoch += 1
     if run.epoch % cfg.test_every_epochs == 0 or run.done:
+        phase = time.perf_counter()
         policy = AgentPolicy(run.actor_critic, 0.0, np.random.default_rng(derived_seed(run.seed, run.epoch, AGENT_TEST_POLICY)), run.device)
         run.actor_critic.eval()
         returns = test_episode_returns(run.game, derived_seed(run.seed, run.epoch, AGENT_TEST_ENV), run.params.env, policy, cfg.test_episodes)
         row["test/return_mean"] = float(np.mean(returns))
-    row.update({"env_steps": run.env_steps, "num_episodes": len(run.store), "epoch_seconds": time.perf_counter() - start})
+        seconds["test"] = _elapsed(phase, run.device)
+    row.update({f"seconds/{k}": v for k, v in seconds.items()})
+    row.update({"env_steps": run.env_steps, "num_episodes": len(run.store), "epoch_seconds": _elapsed(start, run.device)})
     run.curve.append(row)
     return row
 

@@ -1,4 +1,4 @@
-"""diamond.bench at a tiny size: the figures it promises are there and add up."""
+"""benchmarks.bench at a tiny size: the figures it promises are there and add up."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from diamond import bench
+from benchmarks import bench
 
 TINY = ["--config", str(bench.ROOT / "params.yaml"), "--batch-size", "2", "--obs-size", "32", "--reps", "1",
         "--matmul-size", "256", "--threads", "1"]
@@ -71,8 +71,9 @@ def test_bench_run_projection_adds_up(tmp_path):
 
 
 def test_bench_imports_no_emulator_or_tracking():
-    """The GPU machine has only torch, numpy and yaml: importing diamond.bench must not pull in more."""
-    code = ("import sys, diamond.bench; "
+    """The GPU machine has only torch, numpy and yaml: importing benchmarks.bench and loading the
+    params with the normal loader must not pull in more."""
+    code = ("import sys, benchmarks.bench; from diamond.config import load_params; load_params('configs/paper.yaml'); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'gymnasium', 'ale_py', 'cv2', 'mlflow', 'dvc'}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=bench.ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -82,7 +83,7 @@ def test_bench_reuse_freed_memory_times_the_step_both_ways(tmp_path):
     """--reuse-freed-memory times the fp32 step before and after keeping freed memory (in a child
     process: the allocator setting is process-wide)."""
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "-m", "diamond.bench", "--json", str(out), *TINY, "--reuse-freed-memory"],
+    subprocess.run([sys.executable, "-m", "benchmarks.bench", "--json", str(out), *TINY, "--reuse-freed-memory"],
                    cwd=bench.ROOT, capture_output=True, text=True, check=True)
     r = json.loads(out.read_text())
     assert r["reuse_freed_memory"] is True

@@ -209,7 +209,7 @@ def test_bad_config_and_action_rejected():
 def test_benchmark_prints_both_pipelines_and_the_ratio(monkeypatch, capsys):
     import sys
 
-    from diamond import bench_env
+    from benchmarks import bench_env
 
     monkeypatch.setattr(sys, "argv", ["bench_env", "--game", "Pong", "--steps", "50", "--rounds", "1"])
     bench_env.main()

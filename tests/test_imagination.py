@@ -3,6 +3,7 @@ started from real Breakout episodes: burn-in, horizon truncation, restarts on te
 
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from diamond.collector import Collector, UniformPolicy
 from diamond.config import Params, params_from_dict
 from diamond.data import EpisodeStore, SegmentSampler
 from diamond.env import make_env, num_actions
-from diamond.imagination import ImaginationEnv
+from diamond.imagination import ImaginationEnv, ImaginedStep, Restart
 from diamond.models.actor_critic import ActorCritic
 from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
@@ -146,3 +147,99 @@ def test_model_free_loss_uses_real_segments(tiny_params: Params, store: EpisodeS
     assert ac.critic.bias.grad is not None and ac.critic.bias.grad.abs().sum() > 0
     assert np.isfinite(list(metrics.values())).all()
     assert metrics["value_mean"] == pytest.approx(1.0) and metrics["loss_value"] > 0.0
+
+
+class GatheringImaginationEnv(ImaginationEnv):
+    """The step as it was before static shapes (commit b0e21e5): the n ended rows' starts drawn on
+    the device, R warmed on those n rows, and everything written back by row index."""
+
+    @torch.no_grad()
+    def step(self, action: torch.Tensor) -> ImaginedStep:
+        self.act_buffer[:, -1] = action
+        next_obs = self.sampler.sample(self.obs_buffer, self.act_buffer)
+        logits_rew, logits_end, self.reward_state = self.reward_end(
+            self.obs_buffer[:, -1:], action[:, None], next_obs[:, None], self.reward_state)
+        reward = torch.distributions.Categorical(logits=logits_rew[:, 0]).sample().float() - 1.0
+        terminated = torch.distributions.Categorical(logits=logits_end[:, 0]).sample().bool()
+        self.steps += 1
+        truncated = (self.steps >= self.horizon) & ~terminated
+        self.obs_buffer = torch.cat([self.obs_buffer[:, 1:], next_obs[:, None]], dim=1)
+        self.act_buffer = torch.cat([self.act_buffer[:, 1:], torch.zeros_like(self.act_buffer[:, :1])], dim=1)
+        obs = next_obs.clone()
+        ended = terminated | truncated
+        n = int(ended.sum())
+        context_obs = next_obs.new_zeros((n, self.context - 1, *next_obs.shape[1:]))
+        context_mask = torch.zeros(n, self.context - 1, dtype=torch.bool)
+        if n:
+            new_obs, new_act, new_mask, new_state = self._start(n)
+            self.obs_buffer[ended] = new_obs
+            self.act_buffer[ended, :-1] = new_act
+            self.act_buffer[ended, -1] = 0
+            index = ended.nonzero().squeeze(-1)
+            self.reward_state = tuple(s.clone().index_copy_(1, index, p) for s, p in zip(self.reward_state, new_state))
+            self.steps[ended] = 0
+            obs[ended] = new_obs[:, -1]
+            context_obs, context_mask = new_obs[:, :-1], new_mask[:, :-1]
+        return ImaginedStep(obs, reward, terminated, truncated, next_obs, Restart(ended, context_obs, context_mask))
+
+
+class GatheringActorCritic(ActorCritic):
+    """restart_rows as it was before static shapes: burn-in on the n restarted rows, index_copy."""
+
+    def restart_rows(self, state, rows, context_obs, context_mask):
+        if not bool(rows.any()):
+            return state
+        with torch.no_grad():
+            warmed = self.burn_in(context_obs, context_mask)
+        index = rows.nonzero().squeeze(-1)
+        return tuple(s.index_copy(0, index, w.to(s.dtype)) for w, s in zip(warmed, state))
+
+
+def _recorded(env: ImaginationEnv) -> list[ImaginedStep]:
+    steps: list[ImaginedStep] = []
+    step = env.step
+
+    def recording(action: torch.Tensor) -> ImaginedStep:
+        steps.append(step(action))
+        return steps[-1]
+
+    env.step = recording  # type: ignore[method-assign]
+    return steps
+
+
+def test_static_shape_step_gives_the_gathering_steps_results(tiny_params: Params, store: EpisodeStore) -> None:
+    """Same seeds, same imagined frames, rewards, ends, actions and losses as the previous (gathering)
+    step, over rows that end and restart mid-horizon (an untrained R ends rows at random)."""
+    runs = []
+    for env_cls, ac_cls in ((GatheringImaginationEnv, GatheringActorCritic), (ImaginationEnv, ActorCritic)):
+        denoiser, reward_end = _models(tiny_params)
+        env = env_cls(
+            DiffusionSampler(denoiser, tiny_params.world_model.sampler, quantization=tiny_params.world_model.denoiser.quantization),
+            reward_end, SegmentSampler(store, np.random.default_rng(5)), tiny_params.world_model.denoiser.num_conditioning_frames,
+            batch_size=4, horizon=5, device=torch.device("cpu"))
+        torch.manual_seed(1)
+        ac = ac_cls(tiny_params.actor_critic, num_actions(GAME), tiny_params.env.obs_size)
+        with torch.no_grad():
+            ac.actor.weight.normal_(0, 0.1)  # a non-uniform policy, so the actions tell the runs apart
+        steps = _recorded(env)
+        torch.manual_seed(7)
+        cfg = dataclasses.replace(tiny_params.actor_critic, horizon=5)
+        losses = []
+        for _ in range(3):
+            loss, metrics = imagination_loss(ac, env, cfg)
+            loss.backward()
+            losses.append((loss.detach(), metrics, [p.grad.clone() for p in ac.parameters() if p.grad is not None]))
+        runs.append((steps, losses))
+    (old_steps, old_losses), (new_steps, new_losses) = runs
+    partial = [int(s.restart.rows.sum()) for s in new_steps]
+    assert any(0 < k < 4 for k in partial), partial  # some rows restart mid-horizon while others go on
+    for old, new in zip(old_steps, new_steps, strict=True):
+        for name in ("obs", "final_obs", "reward", "terminated", "truncated"):
+            torch.testing.assert_close(getattr(new, name), getattr(old, name), atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(new.restart.rows, old.restart.rows)
+        torch.testing.assert_close(new.restart.context_obs[new.restart.rows], old.restart.context_obs)
+    for (old_loss, old_m, old_g), (new_loss, new_m, new_g) in zip(old_losses, new_losses, strict=True):
+        torch.testing.assert_close(new_loss, old_loss, atol=1e-5, rtol=1e-5)
+        assert new_m == pytest.approx(old_m, rel=1e-4, abs=1e-6)
+        for a, b in zip(new_g, old_g, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -120,6 +120,6 @@ def test_restart_rows_keeps_the_running_state_dtype(tiny_params):
     ac = ActorCritic(tiny_params.actor_critic, 4, 16)
     state = tuple(x.double() for x in ac.initial_state(3, "cpu"))
     rows = torch.tensor([True, False, True])
-    context = torch.rand(2, 3, 3, 16, 16) * 2 - 1
-    h, c = ac.restart_rows(state, rows, context, torch.ones(2, 3, dtype=torch.bool))
+    context = torch.rand(3, 3, 3, 16, 16) * 2 - 1  # aligned with the batch (diamond.imagination.Restart)
+    h, c = ac.restart_rows(state, rows, context, torch.ones(3, 3, dtype=torch.bool))
     assert h.dtype == c.dtype == torch.float64 and h[0].abs().sum() > 0 and h[1].abs().sum() == 0

@@ -69,14 +69,18 @@ class ActorCritic(nn.Module):
     def restart_rows(
         self, state: HiddenState, rows: torch.Tensor, context_obs: torch.Tensor, context_mask: torch.Tensor
     ) -> HiddenState:
-        """The state with the rows where `rows` (B,) is True replaced by a burn-in on their new context."""
-        if not bool(rows.any()):
+        """The state with the rows where `rows` (B,) is True replaced by a burn-in on their context.
+
+        `context_obs` (B, T, 3, H, W) and `context_mask` (B, T) are aligned with the batch (rows that
+        go on may hold anything); with 0 rows, no row restarts (diamond.imagination.Restart). Static
+        shapes, no host sync: the burn-in runs on all B rows and torch.where keeps the rows that go
+        on, with their gradient path.
+        """
+        if context_obs.shape[0] == 0:
             return state
         with torch.no_grad():
             warmed = self.burn_in(context_obs, context_mask)
-        index = rows.nonzero().squeeze(-1)
-        # index_copy keeps the gradient path of the rows that continue. Under autocast the
-        # burn-in's state may come out in another dtype than the running state: cast it.
-        h, c = (w.to(s.dtype) for w, s in zip(warmed, state))
-        return state[0].index_copy(0, index, h), state[1].index_copy(0, index, c)
-
+        # Under autocast the burn-in's state may come out in another dtype than the running state: cast it.
+        keep = rows[:, None]
+        h, c = (torch.where(keep, w.to(s.dtype), s) for w, s in zip(warmed, state))
+        return h, c

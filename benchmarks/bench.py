@@ -1,4 +1,4 @@
-"""Benchmark of the world model at the paper's config: `python -m diamond.bench --json PATH`.
+"""Benchmark of the world model at the paper's config: `python -m benchmarks.bench --json PATH`.
 
 Measures, in one process so that the figures are comparable:
 - the machine's fp32 and bf16 matmul peak (best of a few large torch.matmul calls and, on CPU,
@@ -51,11 +51,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from diamond.agent import imagination_loss
 from diamond.allocator import reuse_freed_memory
-from diamond.config import ActorCriticConfig, AgentConfig, CollectConfig, SamplerConfig, WorldModelConfig, _build
+from diamond.config import Params, SamplerConfig, WorldModelConfig, load_params
 from diamond.data import Episode, EpisodeStore, SegmentSampler
 from diamond.imagination import ImaginationEnv
 from diamond.models.actor_critic import ActorCritic
@@ -92,27 +91,10 @@ class BenchSegment:
     mask: torch.Tensor
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    """The params sections the bench reads. Not diamond.config.load_params: its checks import
-    diamond.env, hence gymnasium and the emulator, which a bare GPU machine lacks."""
-
-    world_model: WorldModelConfig
-    actor_critic: ActorCriticConfig
-    agent: AgentConfig
-    collect: CollectConfig
-
-
 def load_world_model_config(path: Path) -> WorldModelConfig:
-    data = yaml.safe_load(Path(path).read_text())
-    return _build(WorldModelConfig, data["world_model"], "world_model")
-
-
-def load_bench_config(path: Path) -> BenchConfig:
-    data = yaml.safe_load(Path(path).read_text())
-    sections = {"world_model": WorldModelConfig, "actor_critic": ActorCriticConfig, "agent": AgentConfig,
-                "collect": CollectConfig}
-    return BenchConfig(**{name: _build(cls, data[name], name) for name, cls in sections.items()})
+    """The world_model section of a params file, read and checked by diamond.config.load_params
+    (which imports no emulator, so this runs on a machine with torch alone)."""
+    return load_params(path).world_model
 
 
 def moving_square_segment(batch: int, steps: int, size: int, gen: torch.Generator, device: torch.device) -> BenchSegment:
@@ -382,7 +364,7 @@ def rarely_terminating(model: RewardEndModel) -> None:
 
 
 def make_actor_critic_step(
-    bcfg: BenchConfig, den: Denoiser, reward_end: RewardEndModel, segments: SegmentSampler,
+    bcfg: Params, den: Denoiser, reward_end: RewardEndModel, segments: SegmentSampler,
     args: argparse.Namespace, device: torch.device, bf16: bool,
 ) -> Callable[[], float]:
     """One actor-critic step in imagination, built and taken as diamond.loop._train_actor_critic does."""
@@ -406,7 +388,7 @@ def make_actor_critic_step(
 
 
 def bench_agent_steps(
-    bcfg: BenchConfig, den: Denoiser, args: argparse.Namespace, device: torch.device, bf16: bool
+    bcfg: Params, den: Denoiser, args: argparse.Namespace, device: torch.device, bf16: bool
 ) -> dict[str, float]:
     """Time R's training step, one actor-critic step in imagination, and one draw of an R batch."""
     cfg = bcfg.world_model
@@ -436,7 +418,7 @@ class RunSchedule:
     actor_critic_steps: int
 
 
-def run_schedule(bcfg: BenchConfig) -> RunSchedule:
+def run_schedule(bcfg: Params) -> RunSchedule:
     """The first epoch (D and R: train-world-model; actor-critic: epoch 0 of train-agent), then
     the per-epoch steps of every collecting and every final epoch."""
     a, wm = bcfg.agent, bcfg.world_model
@@ -507,7 +489,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in the peak and the step
     torch.backends.cudnn.allow_tf32 = False
-    bcfg = load_bench_config(args.config)
+    bcfg = load_params(args.config)
     cfg = bcfg.world_model
     L, size, b = cfg.denoiser.num_conditioning_frames, args.obs_size, args.batch_size
     result: dict = {

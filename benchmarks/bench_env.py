@@ -7,7 +7,7 @@ buffers); the reference is a bare loop over `AtariPreprocessing`, which does les
 step. The two alternate within one run, round by round, and the ratio is the median over rounds
 of the paired ratios, by wall clock and by process CPU time (steadier on a shared machine).
 
-    python -m diamond.bench_env --game Breakout --steps 2000 --rounds 3
+    python -m benchmarks.bench_env --game Breakout --steps 2000 --rounds 3
 """
 
 from __future__ import annotations
