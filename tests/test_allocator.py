@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from diamond import bench
 
 CHILD = """
 import json, resource, sys, torch
@@ -30,7 +30,7 @@ PAGES = 64 * 2**20 // 4096
 
 
 def child(switch: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, switch], cwd=bench.ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", CHILD, switch], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                           check=True)
     return json.loads(done.stdout)
 
