@@ -143,6 +143,34 @@ def test_variant_config_sets_formulation_and_steps_only() -> None:
         variant_config(p.world_model, StudyVariant("ddpm-big", "ddpm", 2000))
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_yaml(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def test_study_configs_differ_from_their_base_only_in_the_study_keys() -> None:
+    """configs/study_small.yaml is params.yaml and configs/study_paper.yaml is configs/paper.yaml,
+    plus the study switched on (and, at paper scale, the one training run that collects the data)."""
+    pairs = {"configs/study_small.yaml": ("params.yaml", ["seeds", "denoiser_steps", "heldout_episodes"], []),
+             "configs/study_paper.yaml": ("configs/paper.yaml", [], ["games", "seeds"])}
+    for study_file, (base_file, study_keys, top_keys) in pairs.items():
+        study, base = _load_yaml(study_file), _load_yaml(base_file)
+        assert study["study"]["games"] == ["Breakout"] and base["study"]["games"] == []
+        if top_keys:
+            assert (study["games"], study["seeds"]) == (["Breakout"], [0])
+        for d in (study, base):
+            for k in top_keys:
+                d.pop(k)
+            for k in study_keys + ["games"]:
+                d["study"].pop(k)
+        assert study == base, study_file
+        params_from_dict(_load_yaml(study_file))
+
+
 # ---------------------------------------------------------------------------------------
 # End to end through real DVC: a tiny static dataset, 2 variants x 1 seed
 # ---------------------------------------------------------------------------------------
