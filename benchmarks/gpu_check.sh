@@ -21,5 +21,5 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
   timeout 420 "$PY" -m benchmarks.gpu_smoke --out "$OUT/smoke" && cp "$OUT/smoke/gpu_smoke.json" "$OUT/"
-  timeout 150 "$PY" -m benchmarks.bench --device cuda --json "$OUT/bench.json" --bf16 --channels-last --compile --reps 3
+  timeout 150 "$PY" -m benchmarks.bench --device cuda --json "$OUT/bench.json" --bf16 --channels-last --compile --compile-imagination --reps 3
 } 2>&1 | tee "$OUT/gpu_check.log"

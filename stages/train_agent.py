@@ -62,7 +62,7 @@ def sections(p: Params) -> dict:
     """The config this stage reads (and whose hash decides whether a saved state may resume)."""
     return {"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic, "agent": p.agent,
             "channels_last": p.channels_last, "compile_denoiser": p.compile_denoiser,
-            "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32}
+            "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32, "compile_imagination": p.compile_imagination}
 
 
 def run_key(p: Params, game: str, seed: int, dataset: Path, world_model: Path, init_agent: Path | None = None) -> str:
