@@ -295,7 +295,10 @@ def run(args: argparse.Namespace) -> dict:
     }
     if stubbed:
         print(f"stubbed (imported by the official code, unused by the timed paths): {', '.join(stubbed)}")
-    time = lambda fn: best_time(fn, device, args.repeats)  # noqa: E731
+    def time(fn, key: str) -> float:
+        result[key] = best_time(fn, device, args.repeats)
+        print(f"{key}: {result[key]:.4g}", flush=True)  # as it goes: a paper-config CPU run takes long
+        return result[key]
 
     # (a) the denoiser's training step, on the same frames and actions
     obs, act = random_segment(frames, b, L + 1 + k, BENCH_NUM_ACTIONS, seed=1)
@@ -307,7 +310,7 @@ def run(args: argparse.Namespace) -> dict:
     agent.train()
     o_step = official_optimiser_step(o, agent.denoiser, resolve(tree, tree["denoiser"]["optimizer"]),
                                      resolve(tree, tree["denoiser"]["training"]), lambda: agent.denoiser(batch))
-    result["official_denoiser_train_step_s"] = time(o_step)
+    time(o_step, "official_denoiser_train_step_s")
     torch.manual_seed(0)
     den = Denoiser(p.world_model.denoiser, BENCH_NUM_ACTIONS).to(device)
     set_memory_format(p.channels_last, den)
@@ -315,7 +318,7 @@ def run(args: argparse.Namespace) -> dict:
     seg = BenchSegment(obs=obs, act=act[:, : L + k], rew=z[:, : L + k], terminated=z[:, : L + k].bool(),
                        truncated=z[:, : L + k].bool(), mask=torch.ones_like(z, dtype=torch.bool))
     den.train()
-    result["ours_denoiser_train_step_s"] = time(make_train_step(den, p.world_model, seg, device, bf16=False))
+    time(make_train_step(den, p.world_model, seg, device, bf16=False), "ours_denoiser_train_step_s")
 
     # (b) next-frame sampling from the same 4 frames and actions
     prev_obs, prev_act = (x[:, :L].contiguous() for x in (obs, act))
@@ -332,17 +335,17 @@ def run(args: argparse.Namespace) -> dict:
         wm_env.obs_buffer, wm_env.act_buffer = prev_obs, prev_act
         wm_env.predict_next_obs()
 
-    result["official_sample_s"] = time(o_sample)
+    time(o_sample, "official_sample_s")
     den.eval()
     sampler = make_sampler(den, p.world_model)
-    result["ours_sample_s"] = time(lambda: sampler.sample(prev_obs, prev_act))
+    time(lambda: sampler.sample(prev_obs, prev_act), "ours_sample_s")
 
     # (c) the actor-critic's training step in imagination
     bias_official_termination(agent)
     ac_train = resolve(tree, tree["actor_critic"])
     agent.actor_critic.setup_training(wm_env, o["ActorCriticLossConfig"](**ac_train["actor_critic_loss"]))
     o_ac = official_optimiser_step(o, agent.actor_critic, ac_train["optimizer"], ac_train["training"], agent.actor_critic)
-    result["official_actor_critic_train_step_s"] = time(o_ac)
+    time(o_ac, "official_actor_critic_train_step_s")
     del agent, wm_env, o_ac, o_step
     import tempfile
 
@@ -355,7 +358,7 @@ def run(args: argparse.Namespace) -> dict:
         bench_args = argparse.Namespace(obs_size=size, batch_size=b, channels_last=p.channels_last,
                                         compile_imagination=p.compile_imagination)
         ours_ac = make_actor_critic_step(p, den, reward_end, segments, bench_args, device, bf16=False)
-        result["ours_actor_critic_train_step_s"] = time(ours_ac)
+        time(ours_ac, "ours_actor_critic_train_step_s")
     for part in ("denoiser_train_step", "sample", "actor_critic_train_step"):
         result[f"ratio_official_over_ours_{part}"] = result[f"official_{part}_s"] / result[f"ours_{part}_s"]
     return result
