@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diamond.agent import imagination_loss
+from diamond.agent import compiled_forward, imagination_loss
 from diamond.allocator import reuse_freed_memory
 from diamond.config import Params, SamplerConfig, WorldModelConfig, load_params
 from diamond.data import Episode, EpisodeStore, SegmentSampler
@@ -375,14 +375,16 @@ def make_actor_critic_step(
     set_memory_format(args.channels_last, ac)
     trainer = Trainer(ac, bcfg.actor_critic.optimizer)
     sampler = AutocastSampler(den, bcfg.world_model.sampler, device, bf16)
+    compiled = getattr(args, "compile_imagination", False)
     imagination = ImaginationEnv(sampler, reward_end, segments, bcfg.world_model.denoiser.num_conditioning_frames,
-                                 args.batch_size, bcfg.actor_critic.horizon, device)
+                                 args.batch_size, bcfg.actor_critic.horizon, device, compile=compiled)
+    forward = compiled_forward(ac) if compiled else None  # as diamond.loop under compile_imagination
     den.eval()
     reward_end.eval()
     ac.train()
 
     def loss_fn() -> torch.Tensor:
-        return imagination_loss(ac, imagination, bcfg.actor_critic)[0]
+        return imagination_loss(ac, imagination, bcfg.actor_critic, forward)[0]
 
     return make_optimiser_step(trainer, loss_fn, device, bf16=False)  # bf16: in the sampler only
 
@@ -398,12 +400,19 @@ def bench_agent_steps(
         rarely_terminating(reward_end)
         ac_step = make_actor_critic_step(bcfg, den, reward_end, segments, args, device, bf16)
         ac_s = best_time(ac_step, device, args.reps, args.inner)
+        extra = {}
+        if args.compile_imagination:  # the same step with compile_imagination, beside the eager one
+            compiled_args = argparse.Namespace(**{**vars(args), "compile_imagination": True})
+            ac_step = make_actor_critic_step(bcfg, den, reward_end, segments, compiled_args, device, bf16)
+            extra["actor_critic_train_step_s_eager"] = ac_s
+            extra["actor_critic_train_step_s_compiled_imagination"] = ac_s = best_time(ac_step, device, args.reps, args.inner)
+            extra["compile_imagination_speedup"] = extra["actor_critic_train_step_s_eager"] / ac_s
 
         def draw() -> None:
             segments.sample(args.batch_size, cfg.reward_end.segment_length).to_torch(device)
 
         draw_s = best_time(draw, device, args.reps, args.inner)
-    return {"reward_end_train_step_s": r_s, "actor_critic_train_step_s": ac_s, "segment_batch_draw_s": draw_s}
+    return {"reward_end_train_step_s": r_s, "actor_critic_train_step_s": ac_s, "segment_batch_draw_s": draw_s, **extra}
 
 
 @dataclass(frozen=True)
@@ -504,6 +513,7 @@ def run(args: argparse.Namespace) -> dict:
         "sampler_order": cfg.sampler.order,
         "channels_last": args.channels_last,
         "compile": args.compile,
+        "compile_imagination": args.compile_imagination,
         "bf16": args.bf16,
     }
     den = Denoiser(cfg.denoiser, BENCH_NUM_ACTIONS)
@@ -590,6 +600,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast and report its speedup")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    p.add_argument("--compile-imagination", action="store_true",
+                   help="also time the actor-critic step with params compile_imagination (compiled imagined step); "
+                        "the projection then uses it")
     p.add_argument("--reuse-freed-memory", action="store_true",
                    help="time the fp32 step with the allocator as found, then keep freed memory in the process "
                         "(params reuse_freed_memory) for the rest")

@@ -9,6 +9,9 @@ off-policy; the data is mostly from the current policy, recency-weighted).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 from torch.distributions import Categorical
@@ -48,16 +51,20 @@ def _combine(
 
 
 def imagination_loss(
-    ac: ActorCritic, env: ImaginationEnv, cfg: ActorCriticConfig
+    ac: ActorCritic, env: ImaginationEnv, cfg: ActorCriticConfig, forward: Callable[..., Any] | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Imagine `cfg.horizon` steps from fresh real starts and return the actor-critic loss."""
+    """Imagine `cfg.horizon` steps from fresh real starts and return the actor-critic loss.
+
+    `forward` is the actor-critic's forward at each imagined step (default `ac` itself; the
+    loop passes a compiled one under params compile_imagination); burn-ins stay eager."""
+    forward = ac if forward is None else forward
     obs, start = env.reset()
     with torch.no_grad():
         state = ac.burn_in(start.context_obs, start.context_mask)
     log_probs, entropies, values, next_values = [], [], [], []
     rewards, terminated, truncated = [], [], []
     for _ in range(cfg.horizon):
-        logits, value, state = ac(obs, state)
+        logits, value, state = forward(obs, state)
         dist = Categorical(logits=logits)
         action = dist.sample()
         step = env.step(action)
@@ -70,7 +77,7 @@ def imagination_loss(
         with torch.no_grad():
             # V of the true next frame; on rows that continue it is recomputed with gradient
             # at the next step, here only as a target.
-            _, next_value, _ = ac(step.final_obs, state)
+            _, next_value, _ = forward(step.final_obs, state)
             next_values.append(next_value)
         state = ac.restart_rows(state, step.restart.rows, step.restart.context_obs, step.restart.context_mask)
         obs = step.obs
@@ -83,6 +90,19 @@ def imagination_loss(
     metrics["imagined_reward_mean"] = float(stack(rewards).mean())
     metrics["imagined_termination_rate"] = float(stack(terminated).float().mean())
     return loss, metrics
+
+
+def compiled_forward(ac: ActorCritic) -> Callable[..., Any]:
+    """The actor-critic's forward under torch.compile(mode="reduce-overhead") (params
+    compile_imagination), for `imagination_loss`'s `forward`. Its outputs are copied out: CUDA
+    graphs reuse their output buffers at the next replay, and the loss keeps every step's."""
+    fn = torch.compile(ac, mode="reduce-overhead")
+
+    def forward(obs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[Any, ...]:
+        logits, value, (h, c) = fn(obs, state)
+        return logits.clone(), value.clone(), (h.clone(), c.clone())
+
+    return forward
 
 
 def real_data_loss(

@@ -117,17 +117,20 @@ def ddpm_step(
     t_prev: int,
     alphas_cumprod: Tensor,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """One `DDPMScheduler.step()` from t to t_prev (< 0 after the last step) with the branch's
     configuration: epsilon prediction, x0 clipped to [-1, 1], fixed_small variance, noise only
-    when t > 0 (so the step from t = 0 returns the clipped x0 estimate exactly)."""
+    when t > 0 (so the step from t = 0 returns the clipped x0 estimate exactly). The step's
+    N(0, I) is `noise` when given, else drawn with `generator`."""
     alpha_bar_t = alphas_cumprod[t]
     alpha_bar_prev = alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(alpha_bar_t)
     x0 = predict_x0(x_t, eps, alpha_bar_t).clamp(-CLIP, CLIP)
     mean, variance = posterior(x_t, x0, alpha_bar_t, alpha_bar_prev)
     if t == 0:
         return mean
-    noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    if noise is None:
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
     return mean + variance**0.5 * noise
 
 
@@ -153,12 +156,24 @@ class DDPMSampler:
     @torch.no_grad()
     def sample(self, prev_obs: Tensor, prev_act: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """prev_obs float (B, L, 3, H, W) in [-1, 1], prev_act long (B, L) -> next_obs (B, 3, H, W)."""
+        return self.integrate(self.draw_noise(prev_obs, generator), prev_obs, prev_act)
+
+    def draw_noise(self, prev_obs: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+        """All random numbers of one `sample`, in the order it uses them: the start x ~ N(0, I)
+        (B, 3, H, W), then one N(0, I) per multi-step `step()` with t > 0 (as DiffusionSampler.draw_noise)."""
         b, _, c, h, w = prev_obs.shape
-        x = torch.randn((b, c, h, w), generator=generator, device=prev_obs.device, dtype=torch.float32)
+        noisy_steps = 0 if self.cfg.num_steps == 1 else sum(t > 0 for t in self.timesteps)
+        return [torch.randn((b, c, h, w), generator=generator, device=prev_obs.device, dtype=torch.float32)
+                for _ in range(1 + noisy_steps)]
+
+    @torch.no_grad()
+    def integrate(self, noise: list[Tensor], prev_obs: Tensor, prev_act: Tensor) -> Tensor:
+        """The next frame from `draw_noise`'s numbers: deterministic."""
+        x = noise[0]
         if self.cfg.num_steps == 1:
             x = self.one_step(x, prev_obs, prev_act)
         else:
-            x = self.multi_step(x, prev_obs, prev_act, generator)
+            x = self.multi_step(x, prev_obs, prev_act, step_noise=noise[1:])
         return quantize_8bit(x, self.quantization) if self.cfg.quantize else x.clamp(-1, 1)
 
     def one_step(self, x: Tensor, prev_obs: Tensor, prev_act: Tensor) -> Tensor:
@@ -168,12 +183,15 @@ class DDPMSampler:
         eps = self.denoiser.predict_noise(x, t, prev_obs, prev_act)
         return predict_x0(x, eps, self.denoiser.alphas_cumprod.to(x.device)[t])
 
-    def multi_step(self, x: Tensor, prev_obs: Tensor, prev_act: Tensor, generator: torch.Generator | None) -> Tensor:
-        """`step()` over the `set_timesteps(n)` grid (diffusion_sampler.py:52-58)."""
+    def multi_step(self, x: Tensor, prev_obs: Tensor, prev_act: Tensor, step_noise: list[Tensor]) -> Tensor:
+        """`step()` over the `set_timesteps(n)` grid (diffusion_sampler.py:52-58); `step_noise`
+        holds the N(0, I) of each step with t > 0, in order."""
         alphas_cumprod = self.denoiser.alphas_cumprod.to(x.device)
         n = self.cfg.num_steps
+        noise = iter(step_noise)
         for t in self.timesteps:
             t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
             eps = self.denoiser.predict_noise(x, t_batch, prev_obs, prev_act)
-            x = ddpm_step(x, eps, t, previous_timestep(t, n, self.num_timesteps), alphas_cumprod, generator)
+            x = ddpm_step(x, eps, t, previous_timestep(t, n, self.num_timesteps), alphas_cumprod,
+                          noise=next(noise) if t > 0 else None)
         return x

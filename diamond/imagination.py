@@ -61,6 +61,7 @@ class ImaginationEnv:
         batch_size: int,
         horizon: int,
         device: torch.device,
+        compile: bool = False,
     ) -> None:
         if horizon < 1 or batch_size < 1 or num_conditioning_frames < 2:
             raise ValueError(
@@ -78,6 +79,10 @@ class ImaginationEnv:
         self.act_buffer: torch.Tensor | None = None  # (B, L): the L-1 past actions, then the one to play
         self.reward_state: object = None  # reward/termination LSTM state
         self.steps: torch.Tensor | None = None  # (B,) imagined steps since each row's start
+        # params compile_imagination: the step's sampler integration and R in one compiled
+        # function (CUDA graphs on a GPU); its random numbers are drawn outside it, in eager's order.
+        self.compiled = compile
+        self._transition_fn = torch.compile(self._transition, mode="reduce-overhead") if compile else self._transition
 
     def _draw(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Real starts for n rows on `device`: (L frames, L-1 actions, mask)."""
@@ -109,15 +114,29 @@ class ImaginationEnv:
         return obs[:, -1], Restart(rows, obs[:, :-1], mask[:, :-1])
 
     @torch.no_grad()
+    def _transition(
+        self, obs_buffer: torch.Tensor, act_buffer: torch.Tensor, noise: list[torch.Tensor], reward_state: object
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+        """The deterministic part of a step: the next frame from the sampler's noise, then R's
+        logits and state on the transition (last frame, action played, next frame)."""
+        next_obs = self.sampler.integrate(noise, obs_buffer, act_buffer)
+        logits_rew, logits_end, state = self.reward_end(
+            obs_buffer[:, -1:], act_buffer[:, -1:], next_obs[:, None], reward_state
+        )
+        return next_obs, logits_rew, logits_end, state
+
+    @torch.no_grad()
     def step(self, action: torch.Tensor) -> ImaginedStep:
         """Play `action` (B,) long in every row."""
         if self.obs_buffer is None or self.act_buffer is None or self.steps is None:
             raise RuntimeError("ImaginationEnv.step called before reset")
         self.act_buffer[:, -1] = action
-        next_obs = self.sampler.sample(self.obs_buffer, self.act_buffer)
-        logits_rew, logits_end, self.reward_state = self.reward_end(
-            self.obs_buffer[:, -1:], action[:, None], next_obs[:, None], self.reward_state
+        noise = self.sampler.draw_noise(self.obs_buffer)
+        next_obs, logits_rew, logits_end, self.reward_state = self._transition_fn(
+            self.obs_buffer, self.act_buffer, noise, self.reward_state
         )
+        if self.compiled:  # CUDA graphs reuse their output buffers at the next replay: keep copies
+            next_obs, self.reward_state = next_obs.clone(), tuple(s.clone() for s in self.reward_state)
         # Sample sign(reward) in {-1, 0, 1} and termination from the predicted distributions.
         reward = torch.distributions.Categorical(logits=logits_rew[:, 0]).sample().float() - 1.0
         terminated = torch.distributions.Categorical(logits=logits_end[:, 0]).sample().bool()

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diamond.agent import AgentPolicy, imagination_loss, real_data_loss
+from diamond.agent import AgentPolicy, compiled_forward, imagination_loss, real_data_loss
 from diamond.collector import Collector
 from diamond.config import Params
 from diamond.data import EpisodeStore, SegmentSampler
@@ -71,6 +71,10 @@ class AgentRun:
     epoch: int = 0  # epochs completed
     curve: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
     collector: Collector | None = None  # the game in progress; its state is saved with the run
+    # built at the first actor-critic step and kept, so that compiled code (compile_imagination)
+    # is compiled once per process; not saved
+    imagination: ImaginationEnv | None = None
+    actor_critic_forward: Callable[..., Any] | None = None
 
     @property
     def collect_epochs(self) -> int:
@@ -139,10 +143,15 @@ def _train_actor_critic(run: AgentRun, num_steps: int) -> dict[str, float]:
     p, wm = run.params, run.world_model
     context = p.world_model.denoiser.num_conditioning_frames
     segments = _segments(run)
-    imagination = ImaginationEnv(
-        wm.sampler, wm.reward_end, segments, context,
-        p.actor_critic.batch_size, p.actor_critic.horizon, run.device,
-    )
+    if run.imagination is None:
+        run.imagination = ImaginationEnv(
+            wm.sampler, wm.reward_end, segments, context,
+            p.actor_critic.batch_size, p.actor_critic.horizon, run.device, compile=p.compile_imagination,
+        )
+        if p.compile_imagination:
+            run.actor_critic_forward = compiled_forward(run.actor_critic)
+    imagination = run.imagination
+    imagination.segments = segments
     wm.denoiser.eval()
     wm.reward_end.eval()
     run.actor_critic.train()
@@ -151,7 +160,7 @@ def _train_actor_critic(run: AgentRun, num_steps: int) -> dict[str, float]:
         if p.agent.model_free:
             loss, metrics = real_data_loss(run.actor_critic, segments, p.actor_critic, context, run.device)
         else:
-            loss, metrics = imagination_loss(run.actor_critic, imagination, p.actor_critic)
+            loss, metrics = imagination_loss(run.actor_critic, imagination, p.actor_critic, run.actor_critic_forward)
         metrics = {**metrics, **run.actor_critic_trainer.step(loss)}
     return metrics
 

@@ -94,13 +94,21 @@ def sample_ode(
     sigmas: Tensor,
     cfg: SamplerConfig,
     generator: torch.Generator | None = None,
+    churn_noise: list[Tensor] | None = None,
 ) -> Tensor:
-    """Integrate from x at sigmas[0] down to sigmas[-1] = 0 with the configured solver."""
+    """Integrate from x at sigmas[0] down to sigmas[-1] = 0 with the configured solver.
+
+    The churn's N(0, I) draws come from `churn_noise` (one per churned step, in order) when
+    given, else are drawn here with `generator`."""
+    churn = iter(churn_noise) if churn_noise is not None else None
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         gamma = churn_gamma(cfg, sigma)
         if gamma > 0:
             sigma_hat = sigma * (1 + gamma)
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if churn is None:
+                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            else:
+                eps = next(churn)
             x = x + math.sqrt(sigma_hat**2 - sigma**2) * cfg.s_noise * eps
             sigma = sigma_hat
         denoised = denoise_fn(x, sigma)
@@ -131,14 +139,25 @@ class DiffusionSampler:
     @torch.no_grad()
     def sample(self, prev_obs: Tensor, prev_act: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """prev_obs float (B, L, 3, H, W) in [-1, 1], prev_act long (B, L) -> next_obs (B, 3, H, W)."""
+        return self.integrate(self.draw_noise(prev_obs, generator), prev_obs, prev_act)
+
+    def draw_noise(self, prev_obs: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+        """All random numbers of one `sample`, in the order it uses them: the start x ~ N(0, I)
+        (B, 3, H, W), then one N(0, I) per step with churn. Drawn apart from `integrate` so that a
+        compiled `integrate` (params compile_imagination) gives eager mode's samples."""
         b, _, c, h, w = prev_obs.shape
-        x = torch.randn((b, c, h, w), generator=generator, device=prev_obs.device, dtype=torch.float32)
-        if self.cfg.initial_noise == "sigma_max":
-            x = x * self.cfg.sigma_max
+        steps_with_churn = sum(churn_gamma(self.cfg, s) > 0 for s in self.sigmas[:-1].tolist())
+        return [torch.randn((b, c, h, w), generator=generator, device=prev_obs.device, dtype=torch.float32)
+                for _ in range(1 + steps_with_churn)]
+
+    @torch.no_grad()
+    def integrate(self, noise: list[Tensor], prev_obs: Tensor, prev_act: Tensor) -> Tensor:
+        """The next frame from `draw_noise`'s numbers: deterministic, no host sync."""
+        x = noise[0] * self.cfg.sigma_max if self.cfg.initial_noise == "sigma_max" else noise[0]
 
         def denoise_fn(x_noisy: Tensor, sigma: float) -> Tensor:
             denoised = self.denoiser.denoise(x_noisy, sigma, prev_obs, prev_act)
             return quantize_8bit(denoised, self.quantization) if self.cfg.quantize else denoised
 
-        x = sample_ode(denoise_fn, x, self.sigmas, self.cfg, generator)
+        x = sample_ode(denoise_fn, x, self.sigmas, self.cfg, churn_noise=noise[1:])
         return x.clamp(-1, 1)

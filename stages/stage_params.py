@@ -20,8 +20,8 @@ STAGE_PARAMS: dict[str, list[str]] = {
         "evaluate.fidelity_episodes", "evaluate.fidelity_horizons", "evaluate.gif_frames",
     ],
     "train-agent": [
-        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "tf32", "env", "world_model", "actor_critic",
-        "agent",
+        "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "tf32", "compile_imagination", "env",
+        "world_model", "actor_critic", "agent",
     ],
     "evaluate": [
         "device", "channels_last", "compile_denoiser", "reuse_freed_memory", "tf32", "env", "world_model", "actor_critic",

@@ -92,3 +92,45 @@ def test_bench_reuse_freed_memory_times_the_step_both_ways(tmp_path):
         r["denoiser_train_step_s_fp32_allocator_as_found"] / r["denoiser_train_step_s_fp32"])
     assert r["reuse_freed_memory_reward_end_step_speedup"] == pytest.approx(
         r["reward_end_train_step_s_fp32_allocator_as_found"] / r["reward_end_train_step_s"])
+
+
+def test_official_side_by_side_reads_the_official_configs_interpolations():
+    """The official configs' two interpolations (a reference, an eval over references) and their
+    YAML 1.1 floats resolve without omegaconf; an unknown form is a one-line error."""
+    from benchmarks.official_side_by_side import resolve
+
+    tree = {"a": {"size": 64, "lr": "1e-4"}, "b": {"n": 4}, "c": {"h": 15}}
+    node = {"_target_": "x.Y", "size": "${a.size}", "lr": "${a.lr}",
+            "seq": "${eval:'${c.h} + ${b.n}'}", "top": "${eval:'float(\"inf\")'}"}
+    assert resolve(tree, node) == {"size": 64, "lr": 1e-4, "seq": 19, "top": float("inf")}
+    with pytest.raises(SystemExit, match="cannot resolve"):
+        resolve(tree, "${oc.env:HOME}")
+
+
+def test_official_side_by_side_stubs_only_missing_packages():
+    """Packages the official code imports but the timed paths never use are stubbed only when
+    missing: a stub's attributes are classes that can be subclassed, its submodules import."""
+    code = ("import sys\nfrom benchmarks.official_side_by_side import _StubFinder\n"
+            "sys.meta_path.insert(0, _StubFinder({'nosuchpkg'}))\n"
+            "import nosuchpkg\nfrom nosuchpkg.core import Thing\n"
+            "class X(nosuchpkg.Wrapper, nosuchpkg.utils.Mixin): pass\n"
+            "import json\nprint(json.__name__, Thing.__name__)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=bench.ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["json", "Thing"]
+
+
+def test_bf16_actor_critic_compares_three_runs(tmp_path):
+    """benchmarks.bf16_actor_critic at the tiny default config, 3 steps: every metric of the three
+    runs, the differences and the verdict are there."""
+    from benchmarks import bf16_actor_critic
+
+    out = tmp_path / "bf16.json"
+    bf16_actor_critic.main(["--params", str(bench.ROOT / "params.yaml"), "--steps", "3", "--tail", "2", "--json", str(out)])
+    r = json.loads(out.read_text())
+    for m in bf16_actor_critic.METRICS:
+        for run in ("fp32_seed0", "bf16_seed0", "fp32_seed1"):
+            assert isinstance(r[f"{m}_{run}"], float), (m, run)
+        assert r[f"{m}_bf16_minus_fp32"] == pytest.approx(r[f"{m}_bf16_seed0"] - r[f"{m}_fp32_seed0"])
+        assert isinstance(r[f"{m}_bf16_within_noise"], bool)
+    assert r["loss_value_fp32_seed0"] != r["loss_value_fp32_seed1"]  # the seed changes the run

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_params_dict
-from diamond.agent import imagination_loss, real_data_loss
+from diamond.agent import compiled_forward, imagination_loss, real_data_loss
 from diamond.collector import Collector, UniformPolicy
 from diamond.config import Params, params_from_dict
 from diamond.data import EpisodeStore, SegmentSampler
@@ -243,3 +243,44 @@ def test_static_shape_step_gives_the_gathering_steps_results(tiny_params: Params
         assert new_m == pytest.approx(old_m, rel=1e-4, abs=1e-6)
         for a, b in zip(new_g, old_g, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_imagination_gives_eager_results(tiny_params: Params, store: EpisodeStore) -> None:
+    """params compile_imagination: the step's sampler + R and the actor-critic's forward under
+    torch.compile(mode="reduce-overhead") (inductor on CPU) give eager mode's imagined frames,
+    rewards, ends, actions and losses, with rows ending mid-horizon and the sampler's noise drawn
+    outside the compiled code."""
+    runs = []
+    for compiled in (False, True):
+        denoiser, reward_end = _models(tiny_params)
+        env = ImaginationEnv(
+            DiffusionSampler(denoiser, tiny_params.world_model.sampler, quantization=tiny_params.world_model.denoiser.quantization),
+            reward_end, SegmentSampler(store, np.random.default_rng(5)), tiny_params.world_model.denoiser.num_conditioning_frames,
+            batch_size=4, horizon=4, device=torch.device("cpu"), compile=compiled)
+        torch.manual_seed(1)
+        ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME), tiny_params.env.obs_size)
+        with torch.no_grad():
+            ac.actor.weight.normal_(0, 0.1)  # a non-uniform policy, so the actions tell the runs apart
+        actions: list[torch.Tensor] = []
+        step = env.step
+        env.step = lambda a: (actions.append(a.clone()), step(a))[1]  # type: ignore[method-assign]
+        steps = _recorded(env)
+        torch.manual_seed(7)
+        cfg = dataclasses.replace(tiny_params.actor_critic, horizon=4)
+        losses = []
+        for _ in range(2):
+            loss, metrics = imagination_loss(ac, env, cfg, compiled_forward(ac) if compiled else None)
+            losses.append((loss.detach(), metrics))
+        runs.append((steps, actions, losses))
+    (eager_steps, eager_actions, eager_losses), (steps, actions, losses) = runs
+    assert any(0 < int(s.restart.rows.sum()) < 4 for s in steps)
+    assert len(steps) == len(eager_steps) == 8
+    for old, new in zip(eager_steps, steps, strict=True):
+        for name in ("obs", "final_obs", "reward", "terminated", "truncated"):
+            torch.testing.assert_close(getattr(new, name), getattr(old, name), atol=1e-4, rtol=1e-4, msg=name)
+    for old, new in zip(eager_actions, actions, strict=True):
+        torch.testing.assert_close(new, old)
+    for (old_loss, old_m), (new_loss, new_m) in zip(eager_losses, losses, strict=True):
+        torch.testing.assert_close(new_loss, old_loss, atol=1e-4, rtol=1e-4)
+        assert new_m == pytest.approx(old_m, rel=1e-3, abs=1e-5)
