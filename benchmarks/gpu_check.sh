@@ -8,9 +8,8 @@
 # (benchmarks/bf16_actor_critic.py, 30 steps per run: ~0.9 s each).
 # Prepare here: `bash benchmarks/gpu_wheels.sh` (wheels of what the GPU image lacks, into .whl/)
 # and a checkout of the official code in .official/ (git-ignored; the GPU machine has no internet):
-#     mkdir -p .official && git -C /work/.mirror/eloialonso+diamond/repo archive main | tar -x -C .official
-#   (or: git clone https://github.com/eloialonso/diamond .official); then, on the device machine,
-# carry .whl and .official and run
+#     git clone https://github.com/eloialonso/diamond .official   (or any checkout of its main branch)
+# then, on the GPU machine, with .whl and .official copied beside the working tree, run
 #     bash benchmarks/gpu_check.sh "$OUT"
 # Results: OUT/gpu_smoke.json, OUT/bench.json, OUT/side_by_side.json, OUT/bf16_actor_critic.json,
 # OUT/gpu_check.log.

@@ -43,6 +43,7 @@ from diamond.evaluation import test_episode_returns
 from diamond.imagination import ImaginationEnv
 from diamond.io import ArtifactError, atomic_save_torch, load_torch
 from diamond.models.actor_critic import ActorCritic
+from diamond.progress import Progress
 from diamond.resume import RESUME_KEY, curve_csv_bytes, restore_rng_state, rng_state
 from diamond.seeds import AGENT_TEST_ENV, AGENT_TEST_POLICY, AGENT_TRAIN_ENV, derived_seed
 from diamond.training import Trainer, train_steps
@@ -156,12 +157,15 @@ def _train_actor_critic(run: AgentRun, num_steps: int) -> dict[str, float]:
     wm.reward_end.eval()
     run.actor_critic.train()
     metrics: dict[str, float] = {}
+    progress = Progress(f"train-agent {run.game}-{run.seed} epoch {run.epoch}: actor-critic", num_steps)
     for _ in range(num_steps):
         if p.agent.model_free:
             loss, metrics = real_data_loss(run.actor_critic, segments, p.actor_critic, context, run.device)
         else:
             loss, metrics = imagination_loss(run.actor_critic, imagination, p.actor_critic, run.actor_critic_forward)
         metrics = {**metrics, **run.actor_critic_trainer.step(loss)}
+        progress.update()
+    progress.close()
     return metrics
 
 
@@ -239,12 +243,15 @@ def train(
 ) -> AgentRun:
     """Run the remaining epochs, checkpointing into `state_dir`; the final state is saved too."""
     every = run.params.agent.checkpoint_every_epochs
+    progress = Progress(f"train-agent {run.game}-{run.seed}", run.total_epochs, "epochs", initial=run.epoch)
     while not run.done:
         row = run_epoch(run)
+        progress.update()
         if on_epoch is not None:
             on_epoch(row)
         if run.epoch % every == 0 or run.done:
             save_state(run, state_dir / STATE_FILE, key)
+    progress.close()
     return run
 
 

@@ -32,6 +32,7 @@ from diamond.data import Episode, EpisodeStore, SegmentSampler
 from diamond.fidelity import PSNR_MAX_DB, imagine_open_loop, rollout_windows
 from diamond.frames import to_float, to_uint8
 from diamond.models.denoiser import Denoiser
+from diamond.progress import Progress
 from diamond.seeds import STUDY_SEGMENTS, stream_rng
 from diamond.training import Trainer
 
@@ -100,12 +101,15 @@ def train_denoiser(
     # one (config/trainer.yaml static_dataset.ignore_sample_weights: True).
     segments = SegmentSampler(episodes, stream_rng(seed, STUDY_SEGMENTS), weights=None)  # type: ignore[arg-type]
     denoiser.train()
+    progress = Progress(f"study: {cfg.denoiser.formulation} denoiser, seed {seed}", steps)
     for step in range(steps):
         seg = segments.sample(cfg.batch_size, cfg.denoiser.training_segment_steps).to_torch(device)
         loss, metrics = denoiser.compute_loss(seg)
         metrics = {**metrics, **trainer.step(loss)}
         if on_step is not None:
             on_step(step + 1, metrics)
+        progress.update()
+    progress.close()
     return denoiser.eval()
 
 

@@ -30,6 +30,7 @@ from diamond.config import WorldModelConfig, to_dict
 from diamond.data import EpisodeStore, SegmentSampler
 from diamond.io import ArtifactError
 from diamond.models.reward_end import class_counts
+from diamond.progress import Progress
 from diamond.resume import RESUME_KEY, curve_csv_bytes, restore_rng_state, resume_key, rng_state
 from diamond.seeds import WORLD_MODEL_SEGMENTS, stream_rng
 from diamond.world_model import WorldModel, build_world_model, load_world_model, read_checkpoint, save_world_model
@@ -117,6 +118,7 @@ class WorldModelRun:
     device: torch.device
     iteration: int = 0
     resumed_from: Path | None = None
+    label: str = ""  # GAME-SEED, for progress lines
 
     def state(self) -> dict[str, Any]:
         """What the checkpoint holds besides the world model itself."""
@@ -140,13 +142,13 @@ def start_or_resume(
         wm = build_world_model(c, num_actions, obs_size, device)
         if c.reward_end_prior_init:
             init_reward_end_priors(wm, store)
-        return WorldModelRun(wm, store, seg_rng, Curve([], on_row), key, out, device)
+        return WorldModelRun(wm, store, seg_rng, Curve([], on_row), key, out, device, label=f"{game}-{seed}")
     path, ckpt = resume
     wm = load_world_model(path, device, c, ckpt)
     restore_rng_state(ckpt, {"segment_rng": seg_rng})
     print(f"resumed from {path}: denoiser step {wm.denoiser_steps}, reward_end step {wm.reward_end_steps}")
     return WorldModelRun(wm, store, seg_rng, Curve(list(ckpt["curve"]), on_row), key, out, device,
-                         iteration=int(ckpt["iteration"]), resumed_from=path)
+                         iteration=int(ckpt["iteration"]), resumed_from=path, label=f"{game}-{seed}")
 
 
 def train(run: WorldModelRun) -> WorldModelRun:
@@ -156,6 +158,9 @@ def train(run: WorldModelRun) -> WorldModelRun:
     segments = SegmentSampler(run.store, run.segment_rng)
     wm.denoiser.train()
     wm.reward_end.train()
+    # One iteration = one D step and one R step while each has steps left.
+    total = run.iteration + max(c.denoiser_steps - wm.denoiser_steps, c.reward_end_steps - wm.reward_end_steps, 0)
+    progress = Progress(f"train-world-model {run.label}", total, "steps", initial=run.iteration)
     while wm.denoiser_steps < c.denoiser_steps or wm.reward_end_steps < c.reward_end_steps:
         if wm.denoiser_steps < c.denoiser_steps:
             seg = segments.sample(c.batch_size, c.denoiser.training_segment_steps).to_torch(device)
@@ -166,10 +171,12 @@ def train(run: WorldModelRun) -> WorldModelRun:
             loss, metrics = wm.reward_end.compute_loss(seg)
             curve.add("reward_end", {**metrics, **wm.reward_end_trainer.step(loss)})
         run.iteration += 1
+        progress.update()
         if run.iteration % c.log_every_steps == 0:
             curve.flush(run.iteration, wm)
         if run.iteration % c.checkpoint_every_steps == 0:
             run.save(partial_path(run.out))
+    progress.close()
     curve.flush(run.iteration, wm)
     run.save(run.out)
     partial_path(run.out).unlink(missing_ok=True)

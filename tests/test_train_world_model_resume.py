@@ -79,15 +79,21 @@ def adam_steps(ckpt: dict, name: str) -> set[int]:
 
 
 @pytest.mark.slow
-def test_more_steps_resume_exactly(tmp_path, dataset, capsys):
+def test_more_steps_resume_exactly(tmp_path, dataset, capsys, monkeypatch):
     # 3 steps, then 5 asked of the same run: continues from 3 and matches a straight 5-step run.
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    monkeypatch.setenv("DIAMOND_PROGRESS_SECONDS", "0")  # a progress line at every step
     run_in_process(params_file(tmp_path / "p3.yaml", 3), resumed, dataset)
     first = read_checkpoint(resumed / "world_model.pt")
     assert first["denoiser_trainer"]["num_steps"] == 3 and adam_steps(first, "denoiser_trainer") == {3}
     assert not (resumed / "world_model.pt.partial").exists()
     run_in_process(params_file(tmp_path / "p5.yaml", 5), resumed, dataset)
-    assert "resumed from" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "resumed from" in out.out
+    # Progress lines (stderr is not a terminal here), counted from where the resumed run starts.
+    lines = [line for line in out.err.splitlines() if line.startswith("train-world-model Breakout-0: ")]
+    assert [line.split(": ")[1].split(" ")[0] for line in lines] == ["1/3", "2/3", "4/5"]
+    assert "ETA" in lines[-1] and "steps/s" in lines[-1]
     run_in_process(params_file(tmp_path / "p5b.yaml", 5), straight, dataset)
     a, b = read_checkpoint(resumed / "world_model.pt"), read_checkpoint(straight / "world_model.pt")
     for name in ("denoiser_trainer", "reward_end_trainer"):

@@ -1,0 +1,60 @@
+"""The layers by their imports (docs/architecture.md): the library `diamond/` imports neither the
+stages, the benchmarks nor the pipeline tools, and no project module imports itself back
+through others (a cycle), counting imports inside functions too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("diamond", "stages", "benchmarks")
+PIPELINE_TOOLS = ("dvc", "snakemake", "mlflow")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module `path` imports (absolute names; `from a import b` counts a.b when that is a module)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def project_graph() -> dict[str, set[str]]:
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    names = {module_name(p) for p in files}
+    return {module_name(p): {m for m in imports(p) if m in names and m != module_name(p)} for p in files}
+
+
+def test_the_library_imports_no_stage_benchmark_or_pipeline_tool() -> None:
+    for path in (ROOT / "diamond").rglob("*.py"):
+        bad = {m for m in imports(path) if m.split(".")[0] in ("stages", "benchmarks", *PIPELINE_TOOLS)}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_no_import_cycle() -> None:
+    graph = project_graph()
+    # Package __init__ files are empty here; an edge to a package is not an edge to its modules.
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]) if nxt in path else nxt
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert len(graph) > 40  # the walk saw the project (every module of the three packages)
