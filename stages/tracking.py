@@ -116,6 +116,29 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def create_sqlite_store(uri: str) -> None:
+    """Create a local SQLite store atomically: schema built in `<db>-init-<pid>`, then renamed.
+
+    Creating the store runs MLflow's schema migrations, several seconds on a 2-core CPU; a stage
+    killed in the middle (a time limit, a SIGKILL) used to leave a half-migrated mlflow.db that
+    every later stage refused ("Detected out-of-date database schema"). Found by
+    scripts/fault_campaign.py; call under `store_lock`. No-op for servers and existing stores.
+    """
+    path = _sqlite_path(uri)
+    if path is None or path.exists():
+        return
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    tmp = path.with_name(f"{path.name}-init-{os.getpid()}")  # matches the `/mlflow.db-*` ignore rule
+    tmp.unlink(missing_ok=True)
+    tmp_uri = f"sqlite:///{tmp}"
+    store = SqlAlchemyStore(tmp_uri, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
+    store.engine.dispose()  # no connection left open on the file being renamed
+    SqlAlchemyStore._engine_map.pop(tmp_uri, None)
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------------------
 # What identifies a run: commit, pipeline invocation, input hashes
 # ---------------------------------------------------------------------------------------
@@ -257,6 +280,7 @@ def stage_run(
     tags = run_tags(stage, sections, game, seed, inputs, params_file)
     name = stage if game is None else f"{stage}/{game}-{seed}"
     with store_lock(uri):
+        create_sqlite_store(uri)
         mlflow.set_tracking_uri(uri)
         retry_locked(mlflow.set_experiment, os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
         run = retry_locked(mlflow.start_run, run_name=name, tags=tags)
