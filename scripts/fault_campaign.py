@@ -205,6 +205,17 @@ def compare_trees(ref: Path, trial: Path, excluded: set[str]) -> tuple[list[str]
     return sorted(set(fa) - set(fb)), sorted(set(fb) - set(fa)), differ
 
 
+def _grouped(paths: list[str]) -> list[str]:
+    """Files under a temporary directory, as that directory and a count."""
+    groups: dict[str, int] = {}
+    for rel in paths:
+        parts = rel.split("/")
+        cut = next((i for i, part in enumerate(parts[:-1]) if part.endswith(".tmp")), None)
+        key = rel if cut is None else "/".join(parts[: cut + 1]) + "/"
+        groups[key] = groups.get(key, 0) + 1
+    return [k if n == 1 and not k.endswith("/") else f"{k} ({n} files)" for k, n in groups.items()]
+
+
 def campaign(args: argparse.Namespace) -> dict[str, Any]:
     raw = yaml.safe_load(args.params.read_text())
     game = args.game or raw["games"][0]
@@ -267,7 +278,7 @@ def campaign(args: argparse.Namespace) -> dict[str, Any]:
     redone = sum(t.get("seconds", 0.0) for t in trials) - t_ref * len(trials)
     bad = [f"trial {i + 1}: " + "; ".join(
         [t["failed"]] if t.get("failed") else
-        [f"missing {m}" for m in t["missing"]] + [f"extra {e}" for e in t["extra"]] + t["differ"])
+        [f"missing {m}" for m in t["missing"]] + [f"left behind {e}" for e in _grouped(t["extra"])] + t["differ"])
         for i, t in enumerate(trials) if t.get("failed") or t["missing"] or t["extra"] or t["differ"]]
     return {
         "stage": args.stage, "game": game, "run_seed": seed, "params": str(args.params), "campaign_seed": args.seed,

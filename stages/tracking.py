@@ -122,16 +122,20 @@ def create_sqlite_store(uri: str) -> None:
     Creating the store runs MLflow's schema migrations, several seconds on a 2-core CPU; a stage
     killed in the middle (a time limit, a SIGKILL) used to leave a half-migrated mlflow.db that
     every later stage refused ("Detected out-of-date database schema"). Found by
-    scripts/fault_campaign.py; call under `store_lock`. No-op for servers and existing stores.
+    scripts/fault_campaign.py. Call under `store_lock`: an `-init-` file is then a killed creator's
+    and is removed. No-op for servers and existing stores.
     """
     path = _sqlite_path(uri)
-    if path is None or path.exists():
+    if path is None:
+        return
+    for stale in path.parent.glob(f"{path.name}-init-*"):  # a killed creator's (we hold the lock)
+        stale.unlink(missing_ok=True)
+    if path.exists():
         return
     from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     tmp = path.with_name(f"{path.name}-init-{os.getpid()}")  # matches the `/mlflow.db-*` ignore rule
-    tmp.unlink(missing_ok=True)
     tmp_uri = f"sqlite:///{tmp}"
     store = SqlAlchemyStore(tmp_uri, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
     store.engine.dispose()  # no connection left open on the file being renamed
