@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import torch
 
@@ -39,6 +38,7 @@ from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json
 from diamond.models.reward_end import class_counts
 from diamond.training import compile_networks, set_memory_format, set_tf32
 from diamond.world_model import WorldModel, build_world_model, load_world_model, read_checkpoint, save_world_model
+from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main
 from stages.tracking import stage_run
 
@@ -107,7 +107,7 @@ class Curve:
         row = {k: self._sums[k] / self._counts[k] for k in sorted(self._sums)}
         row.update(iteration=iteration, denoiser_steps=wm.denoiser_steps, reward_end_steps=wm.reward_end_steps)
         self.rows.append(row)
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step=iteration)
+        tracking.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step=iteration)
         self._sums, self._counts = {}, {}
 
     def csv_bytes(self) -> bytes:
@@ -213,13 +213,13 @@ def run(args: Any, p: Params) -> None:
     fidelity = {k: getattr(p.evaluate, k) for k in ("fidelity_episodes", "fidelity_horizons", "gif_frames")}
     sections = {"world_model": c, "env": p.env, "evaluate": fidelity, "channels_last": p.channels_last,
                 "compile_denoiser": p.compile_denoiser, "reuse_freed_memory": p.reuse_freed_memory, "tf32": p.tf32}
-    with stage_run("train-world-model", sections=sections, game=game, seed=seed, inputs=[args.dataset]):
-        mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
-        mlflow.log_params({"resumed_from_denoiser_step": wm.denoiser_steps, "resumed_from_reward_end_step": wm.reward_end_steps})
+    with stage_run("train-world-model", sections=sections, game=game, seed=seed, inputs=[args.dataset], job_dir=args.out_checkpoint.parent):
+        tracking.set_tag("reuse_freed_memory_in_force", allocator_reuse)
+        tracking.log_params({"resumed_from_denoiser_step": wm.denoiser_steps, "resumed_from_reward_end_step": wm.reward_end_steps})
         for name, n in wm.num_parameters().items():
-            mlflow.log_param(f"num_parameters_{name}", n)
+            tracking.log_param(f"num_parameters_{name}", n)
         for row in curve.rows:  # the resumed run's history, so the MLflow curve is whole
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step=int(row["iteration"]))
+            tracking.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step=int(row["iteration"]))
         start = time.perf_counter()
         iteration = train(wm, store, seg_rng, curve, iteration, key, args.out_checkpoint, device)
         seconds = time.perf_counter() - start
@@ -246,10 +246,10 @@ def run(args: Any, p: Params) -> None:
         }
         atomic_write_json(args.out_metrics, metrics)
         atomic_write_bytes(args.out_curve, curve.csv_bytes())
-        mlflow.log_metrics(summary_metrics(fidelity))
+        tracking.log_metrics(summary_metrics(fidelity))
         for path in (args.out_metrics, args.out_curve, args.out_media / GIF_NAME, args.out_checkpoint):
             if path.is_file():
-                mlflow.log_artifact(str(path))
+                tracking.log_artifact(str(path))
         h = fidelity["open_loop"]["horizons"]
         first = h[str(min(p.evaluate.fidelity_horizons))]
         print(
