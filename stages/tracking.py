@@ -15,8 +15,9 @@ MLFLOW_TRACKING_URI points everything at a shared tracking server instead.
 
 A server that goes away mid-run loses no training. Stages log through the functions below
 (`log_metrics`, `log_params`, `set_tags`, `log_artifact`, ...), not mlflow's own: the first call
-that fails on a server (after MLflow's HTTP retries, cut here to a few seconds: PENDING_HTTP_ENV)
-prints one warning line, and from then on that call and every later one, the end of the run
+that fails on a server that no longer answers (after MLflow's HTTP retries, cut here to a few
+seconds: PENDING_HTTP_ENV; a server that still answers /health is waited for a while longer:
+BUSY_SERVER_RETRIES) prints one warning line, and from then on that call and every later one, the end of the run
 included, is appended to a journal, DIR/.mlflow_pending/STAGE-ID.jsonl beside the stage's outputs
 (DIR: `stage_run(job_dir=...)`), with each metric's step and timestamp. The stage carries on and
 ends normally. `python -m stages.mlflow_sync DIR...` replays journals into the server once it
@@ -33,6 +34,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,6 +59,10 @@ PENDING_DIR = ".mlflow_pending"  # beside a stage's outputs: what a lost server 
 JOURNAL_TAG = "diamond.journal_id"  # on a run that `stages.mlflow_sync` had to create
 # MLflow's HTTP client retries a failed request 7 times with a 2 s backoff factor (minutes); a stage
 # talking to a server cuts that to seconds, unless these variables are set (docs: mlflow.environment_variables).
+SERVER_PROBE_SECONDS = 5.0
+# After a failed call, while the server still answers /health (busy, not gone): retries here,
+# 2, 4, 8, 16 s apart, before journaling anyway.
+BUSY_SERVER_RETRIES = 4
 PENDING_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
@@ -286,6 +292,16 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def server_problem(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> str | None:
+    """None if the tracking server at `uri` answers its /health endpoint, else why not."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as reply:
+            reply.read()
+        return None
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, malformed URLs
+        return str(getattr(e, "reason", None) or e)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -300,14 +316,20 @@ class _Tracker:
         self.job_dir, self.stage = Path(job_dir), stage
 
     def send(self, record: dict[str, Any], call: Callable[[], Any]) -> None:
-        if self.journal is None:
+        attempt = 0
+        while self.journal is None:
             try:
                 retry_locked(call)
                 return
             except Exception as e:  # a lost server surfaces as requests' or MLflow's exceptions
                 if not self.remote or _is_client_error(e):
                     raise
-                self.go_offline(e)
+                # A server that still answers is busy, not gone: wait for it a while longer.
+                if attempt == BUSY_SERVER_RETRIES or server_problem(self.start["tracking_uri"]) is not None:
+                    self.go_offline(e)
+                else:
+                    time.sleep(2.0 * 2**attempt)
+                    attempt += 1
         self.append(record)
 
     def go_offline(self, error: BaseException) -> None:
