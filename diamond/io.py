@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -26,9 +27,22 @@ class ArtifactError(ValueError):
     """A missing, truncated or corrupt artifact; the message names the file."""
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove what a killed writer of `path` left: its temporary names `.NAME.XXXXXXXX.tmp`
+    (tempfile's 8 random characters). One writer per artifact path, so none is live."""
+    stale = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    for p in path.parent.glob(f".{path.name}.*.tmp"):
+        if stale.fullmatch(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp creates 0600 files; give the artifact the ordinary umask-derived mode.
@@ -50,17 +64,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_directory(dst: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name beside `dst`; it replaces `dst` only once complete.
 
-    If the body raises, the temporary directory is removed and an existing `dst` is untouched.
+    If the body raises, the temporary directory is removed and an existing `dst` is untouched;
+    a killed writer's temporary directory is removed by the next writer of `dst`. The old `dst`
+    is renamed aside before the new one takes its name, so a kill never leaves it half deleted.
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dst)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        old = None
         if dst.exists():
-            shutil.rmtree(dst)
+            old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+            os.replace(dst, old)  # onto the empty directory: rename(2) replaces it
         os.replace(tmp, dst)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

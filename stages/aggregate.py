@@ -14,12 +14,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import mlflow
 
 from diamond.config import ConfigError
 from diamond.released_report import PAPER_METHOD, write_comparison
 from diamond.report import Report, build_report, write_report
 from diamond.scores import load_method, load_results, results_by_method
+from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.tracking import stage_run
 
@@ -48,7 +48,7 @@ def log_metrics(report: Report) -> None:
         metrics[metric_name(name, "games")] = len(agg.games)
     for imp in report.improvements:
         metrics[metric_name("probability_of_improvement", f"{imp.subject} over {imp.baseline}")] = imp.estimate.value
-    mlflow.log_metrics(metrics)
+    tracking.log_metrics(metrics)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     results = load_results(args.results)  # every file checked before any work
     runs = results_by_method(results)
     reference = [load_method(m) for m in cfg.reference_methods]
-    with stage_run("aggregate", sections=stage_sections(params, "aggregate"), inputs=list(args.results)):
-        mlflow.set_tags({"reference_only": str(args.reference_only), "run_methods": ", ".join(m.name for m in runs)})
+    with stage_run("aggregate", sections=stage_sections(params, "aggregate"), inputs=list(args.results), job_dir=args.out):
+        tracking.set_tags({"reference_only": str(args.reference_only), "run_methods": ", ".join(m.name for m in runs)})
         report = build_report(reference, runs, cfg.bootstrap_reps, cfg.confidence, cfg.bootstrap_seed)
         written = write_report(report, args.out)
         if not args.reference_only:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                                         args.out, cfg.confidence, cfg.bootstrap_seed)
         log_metrics(report)
         for path in written:
-            mlflow.log_artifact(str(path), artifact_path="reports")
+            tracking.log_artifact(str(path), artifact_path="reports")
     print(f"aggregate: wrote {len(written)} files to {args.out}")
 
 

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 
 from diamond.collector import Collector, EpisodeStats, UniformPolicy
@@ -26,6 +25,7 @@ from diamond.data import EpisodeStore
 from diamond.env import make_env, num_actions
 from diamond.io import atomic_directory, atomic_write_json
 from diamond.seeds import COLLECT_POLICY, stream_rng
+from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.tracking import stage_run
 
@@ -89,7 +89,8 @@ def main() -> None:
     forget_provenance(args.out_dataset.parent, "collect")
     game, seed = args.game, args.seed
 
-    with stage_run("collect", sections=stage_sections(p, "collect"), game=game, seed=seed, inputs=[]):
+    with stage_run("collect", sections=stage_sections(p, "collect"), game=game, seed=seed, inputs=[],
+                   job_dir=args.out_dataset.parent):
         with atomic_directory(args.out_dataset) as tmp:
             n = num_actions(game)
             store = EpisodeStore(tmp, game=game, num_actions=n)
@@ -98,7 +99,7 @@ def main() -> None:
             collector = Collector(env, policy, store)
 
             def on_chunk(steps: int, minority: int) -> None:
-                mlflow.log_metrics({"collected_steps": steps, "minority_rewards": minority}, step=steps)
+                tracking.log_metrics({"collected_steps": steps, "minority_rewards": minority}, step=steps)
 
             start = time.perf_counter()
             stopped, episodes = initial_collection(collector, p.collect, on_chunk)
@@ -106,10 +107,10 @@ def main() -> None:
             env.close()
         stats = statistics(game, seed, store, collector, episodes, stopped)
         atomic_write_json(args.out_stats, stats)
-        mlflow.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and k != "seed"})
-        mlflow.log_metrics({f"reward_count_{k}": v for k, v in stats["reward_counts"].items()})
-        mlflow.log_metric("env_steps_per_second", collector.total_steps / max(seconds, 1e-9))
-        mlflow.log_artifact(str(args.out_stats))
+        tracking.log_metrics({k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and k != "seed"})
+        tracking.log_metrics({f"reward_count_{k}": v for k, v in stats["reward_counts"].items()})
+        tracking.log_metric("env_steps_per_second", collector.total_steps / max(seconds, 1e-9))
+        tracking.log_artifact(str(args.out_stats))
         print(f"collect {game}-{seed}: {stats['steps']} steps, {stats['episodes']} episodes, "
               f"{stats['minority_rewards']} minority rewards ({stopped}) -> {args.out_dataset}")
 

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from diamond.config import ConfigError, Params, load_params, to_dict
 from diamond.games import ATARI_100K_GAMES
 from diamond.io import ArtifactError
 from stages.stage_params import STAGE_PARAMS
+from stages.tracking import is_remote, server_problem
 
 
 def base_parser(description: str, per_run: bool = True) -> argparse.ArgumentParser:
@@ -28,24 +28,18 @@ def base_parser(description: str, per_run: bool = True) -> argparse.ArgumentPars
     return p
 
 
-TRACKING_PROBE_SECONDS = 5.0
-
-
 def check_tracking_server() -> None:
     """Fail in seconds, before any work, when MLFLOW_TRACKING_URI names a server that does not
     answer (the MLflow client would retry for minutes, and only after the stage's work)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri.startswith(("http://", "https://")):
+    if not is_remote(uri):
         return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=TRACKING_PROBE_SECONDS) as reply:
-            reply.read()
-    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts, malformed URLs
-        reason = getattr(e, "reason", None) or e
+    reason = server_problem(uri)
+    if reason is not None:
         raise ConfigError(
             f"MLFLOW_TRACKING_URI {uri}: no MLflow server answers ({reason}); start it "
             "(mlflow server ...) or unset the variable to use the local store"
-        ) from None
+        )
 
 
 def load_checked_params(args: argparse.Namespace) -> Params:

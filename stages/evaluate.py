@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
@@ -44,6 +43,7 @@ from diamond.scores import score_record
 from diamond.seeds import EVALUATE_IMAGINATION, EVALUATE_TEST_EPISODES, derived_seed
 from diamond.training import apply_speed_switches
 from diamond.world_model import load_world_model
+from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
 from stages.tracking import stage_run
 
@@ -79,10 +79,11 @@ def main() -> None:
     store = EpisodeStore(args.dataset, game=game) if args.dataset else None
 
     sections = stage_sections(p, "evaluate-released" if args.released else "evaluate")
-    with stage_run("evaluate", sections=sections, game=game, seed=seed, inputs=[a for a in (args.agent, args.dataset) if a]):
-        mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
+    with stage_run("evaluate", sections=sections, game=game, seed=seed, inputs=[a for a in (args.agent, args.dataset) if a],
+                   job_dir=args.out_score.parent):
+        tracking.set_tag("reuse_freed_memory_in_force", allocator_reuse)
         if "imported_from" in agent:
-            mlflow.set_tags({f"imported_from.{k}": v for k, v in agent["imported_from"].items()})
+            tracking.set_tags({f"imported_from.{k}": v for k, v in agent["imported_from"].items()})
         torch.manual_seed(derived_seed(seed, EVALUATE_IMAGINATION))
         ac = ActorCritic(p.actor_critic, num_actions(game), p.env.obs_size).to(device)
         ac.load_state_dict(agent["actor_critic"])
@@ -117,14 +118,14 @@ def main() -> None:
                                     media / "world_model_real_vs_imagined.gif", device, seed)
         atomic_write_json(args.out_fidelity, fidelity)
 
-        mlflow.log_metrics({"mean_return": score["mean_return"], "human_normalized_score": score["human_normalized_score"],
+        tracking.log_metrics({"mean_return": score["mean_return"], "human_normalized_score": score["human_normalized_score"],
                             "return_std": float(np.std(returns))})
         for i, r in enumerate(returns):
-            mlflow.log_metric("episode_return", r, step=i)
-        mlflow.log_metrics({k.replace("/", "."): v for k, v in summary_metrics(fidelity).items()})
-        mlflow.log_artifact(str(args.out_score))
-        mlflow.log_artifact(str(args.out_fidelity))
-        mlflow.log_artifacts(str(media), artifact_path="media")
+            tracking.log_metric("episode_return", r, step=i)
+        tracking.log_metrics({k.replace("/", "."): v for k, v in summary_metrics(fidelity).items()})
+        tracking.log_artifact(str(args.out_score))
+        tracking.log_artifact(str(args.out_fidelity))
+        tracking.log_artifacts(str(media), artifact_path="media")
         print(f"evaluate {game}-{seed}: mean return {score['mean_return']:.2f} over {len(returns)} episodes, "
               f"HNS {score['human_normalized_score']:.3f} -> {args.out_score}")
 

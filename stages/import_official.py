@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import torch
 
 from diamond.agent_checkpoint import agent_checkpoint
@@ -28,6 +27,7 @@ from diamond.models.actor_critic import ActorCritic
 from diamond.official import load_official, official_num_actions
 from diamond.released import sha256_file
 from diamond.world_model import build_world_model, save_world_model, world_model_state
+from stages import tracking
 from stages.common import base_parser, load_checked_params, run_main
 from stages.tracking import stage_run
 
@@ -73,10 +73,10 @@ def main() -> None:
     digest = sha256_file(args.checkpoint)
     source = {"path": str(args.checkpoint), "sha256": digest}
     with stage_run("import-official", sections={"env": p.env, "world_model": p.world_model, "actor_critic": p.actor_critic},
-                   game=args.game, seed=args.seed, inputs=[args.checkpoint]):
-        mlflow.set_tag("official_checkpoint_sha256", digest)
+                   game=args.game, seed=args.seed, inputs=[args.checkpoint], job_dir=args.out_agent.parent):
+        tracking.set_tag("official_checkpoint_sha256", digest)
         counts = convert(p, args.game, args.seed, state, args.out_world_model, args.out_agent, source)
-        mlflow.log_metrics({f"parameters.{k}": v for k, v in counts.items()})
+        tracking.log_metrics({f"parameters.{k}": v for k, v in counts.items()})
     print(f"import-official {args.game}: {args.checkpoint} (sha256 {digest[:12]}) -> {args.out_world_model}, {args.out_agent}; "
           + parameter_summary(counts))
 

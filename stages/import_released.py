@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 
 from diamond.env import check_game
 from diamond.io import atomic_write_json
 from diamond.released import locate_released
+from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.import_official import convert, parameter_summary, read_official
 from stages.tracking import stage_run
@@ -38,10 +38,11 @@ def main() -> None:
     found = locate_released(p.released, args.game)
     state = read_official(found.path, args.game)
     source = found.record(p.released)
-    with stage_run("import-released", sections=stage_sections(p, "import-released"), game=args.game, seed=p.released.seed, inputs=[found.path]):
-        mlflow.set_tags({"official_checkpoint_sha256": found.sha256, **{f"released.{k}": v for k, v in source.items()}})
+    with stage_run("import-released", sections=stage_sections(p, "import-released"), game=args.game, seed=p.released.seed,
+                   inputs=[found.path], job_dir=args.out_agent.parent):
+        tracking.set_tags({"official_checkpoint_sha256": found.sha256, **{f"released.{k}": v for k, v in source.items()}})
         counts = convert(p, args.game, p.released.seed, state, args.out_world_model, args.out_agent, source)
-        mlflow.log_metrics({f"parameters.{k}": v for k, v in counts.items()})
+        tracking.log_metrics({f"parameters.{k}": v for k, v in counts.items()})
         atomic_write_json(args.out_source, {"game": args.game, **source, "parameters": counts})
     print(f"import-released {args.game}: {found.path} ({found.source}, sha256 {found.sha256[:12]}) -> "
           f"{args.out_agent}; {parameter_summary(counts)}")

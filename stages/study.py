@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 
 from diamond.allocator import reuse_freed_memory
@@ -28,6 +27,7 @@ from diamond.study import (EpisodeSubset, errors_npz, heldout_split, horizon_sum
                            train_denoiser, variant_config)
 from diamond.training import apply_speed_switches
 from diamond.world_model import make_sampler
+from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
 from stages.tracking import stage_run
 
@@ -67,11 +67,11 @@ def run(args: Any, p: Params) -> None:
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         if step % log_every == 0 or step == s.denoiser_steps:
-            mlflow.log_metrics({f"denoiser_{k}": v for k, v in metrics.items()}, step=step)
+            tracking.log_metrics({f"denoiser_{k}": v for k, v in metrics.items()}, step=step)
 
-    with stage_run("study", sections=stage_sections(p, "study"), game=game, seed=seed, inputs=[dataset]):
+    with stage_run("study", sections=stage_sections(p, "study"), game=game, seed=seed, inputs=[dataset], job_dir=args.out_dir):
         # runs of one variant group together in the UI (Group by > tags > study_variant)
-        mlflow.set_tags({"study_variant": variant.name, "study_formulation": variant.formulation,
+        tracking.set_tags({"study_variant": variant.name, "study_formulation": variant.formulation,
                          "study_num_steps": str(variant.num_steps), "mlflow.runName": f"study/{game}-{variant.name}-{seed}",
                          "reuse_freed_memory_in_force": str(allocator_reuse)})
         start = time.perf_counter()
@@ -96,9 +96,9 @@ def run(args: Any, p: Params) -> None:
             "train_seconds": train_seconds, "rollout_seconds": rollout_seconds, "horizons": summary,
         }
         atomic_write_json(args.out_dir / METRICS_FILE, metrics)
-        mlflow.log_metrics({"train_seconds": train_seconds, "rollout_seconds": rollout_seconds})
-        mlflow.log_metrics({f"h{h}/{k}": v for h, row in summary.items() for k, v in row.items() if v is not None})
-        mlflow.log_artifact(str(args.out_dir / METRICS_FILE))
+        tracking.log_metrics({"train_seconds": train_seconds, "rollout_seconds": rollout_seconds})
+        tracking.log_metrics({f"h{h}/{k}": v for h, row in summary.items() for k, v in row.items() if v is not None})
+        tracking.log_artifact(str(args.out_dir / METRICS_FILE))
         first = summary[str(s.horizons[0])]
         print(f"study {game} {variant.name} seed {seed}: D {s.denoiser_steps} steps in {train_seconds:.0f} s, rollouts "
               f"{rollout_seconds:.0f} s; h={s.horizons[0]} MSE {first['model_mse']} vs repeat-last {first['repeat_last_mse']}")

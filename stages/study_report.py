@@ -12,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import mlflow
 
 from diamond.config import ConfigError, Params
 from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json
 from diamond.study import load_errors
 from diamond.study_report import BASELINE, plot_error_vs_horizon, plot_frame_strip, summarize, table_csv, table_markdown
+from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.tracking import stage_run
 
@@ -47,8 +47,8 @@ def main() -> None:
         raise ConfigError(f"--game: {args.game!r} is not in study.games {p.study.games}")
     forget_provenance(args.out, "study-report")
     errors = job_errors(args.jobs_dir, p)
-    with stage_run("study-report", sections=stage_sections(p, "study-report"), inputs=[args.jobs_dir]):
-        mlflow.set_tags({"game": args.game})
+    with stage_run("study-report", sections=stage_sections(p, "study-report"), inputs=[args.jobs_dir], job_dir=args.out):
+        tracking.set_tags({"game": args.game})
         results = summarize(p.study, errors)
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(args.out / "study_table.md", table_markdown(results).encode())
@@ -59,12 +59,12 @@ def main() -> None:
         plot_frame_strip({v.name: errors[(v.name, seed)] for v in p.study.variants}, args.out / "study_frames.png",
                          f"{args.game}: the longest held-out rollout, seed {seed}")
         for name in OUTPUTS:
-            mlflow.log_artifact(str(args.out / name))
+            tracking.log_artifact(str(args.out / name))
         for name, row in results["rows"].items():
             for h, cell in row["horizons"].items():
                 for k in ("mse", "psnr", "ssim"):
                     if cell[k] is not None:
-                        mlflow.log_metric(f"{'baseline' if name == BASELINE else name}/h{h}/{k}", cell[k]["mean"])
+                        tracking.log_metric(f"{'baseline' if name == BASELINE else name}/h{h}/{k}", cell[k]["mean"])
         print(f"study-report {args.game}: {len(p.study.variants)} variants x {len(p.study.seeds)} seeds -> {args.out}")
 
 

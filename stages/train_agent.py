@@ -20,7 +20,6 @@ import shutil
 import time
 from pathlib import Path
 
-import mlflow
 import torch
 
 from diamond.agent_checkpoint import agent_checkpoint, read_agent_checkpoint
@@ -35,6 +34,7 @@ from diamond.resume import resume_key
 from diamond.seeds import AGENT_POLICY, AGENT_SEGMENTS, AGENT_TORCH, derived_seed, stream_rng
 from diamond.training import Trainer, apply_speed_switches
 from diamond.world_model import load_world_model, world_model_state
+from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
 from stages.tracking import dvc_md5, stage_run
 
@@ -136,23 +136,24 @@ def main() -> None:
             raise ArtifactError(f"{path}: input not found")
     key = run_key(p, args.game, args.seed, args.dataset, args.world_model, args.init_agent)
     with stage_run("train-agent", sections=sections(p), game=args.game, seed=args.seed,
-                   inputs=[args.dataset, args.world_model] + ([args.init_agent] if args.init_agent else [])):
-        mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
+                   inputs=[args.dataset, args.world_model] + ([args.init_agent] if args.init_agent else []),
+                   job_dir=args.out_checkpoint.parent):
+        tracking.set_tag("reuse_freed_memory_in_force", allocator_reuse)
         run, how = start_or_resume(p, args, key, device)
         print(f"train-agent {args.game}-{args.seed}: {how}", flush=True)
-        mlflow.set_tag("resume", how)
+        tracking.set_tag("resume", how)
         start = time.perf_counter()
 
         def on_epoch(row: dict) -> None:
-            mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            tracking.log_metrics({k.replace("/", "."): float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
             print(f"epoch {int(row['epoch'])}/{run.total_epochs}: env_steps {row['env_steps']}"
                   + (f", test return {row['test/return_mean']:.1f}" if "test/return_mean" in row else ""), flush=True)
 
         train(run, args.state_dir, key, on_epoch)
         metrics = write_outputs(run, args, time.perf_counter() - start)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "seed"})
+        tracking.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "seed"})
         for path in (args.out_metrics, args.out_curve):
-            mlflow.log_artifact(str(path))
+            tracking.log_artifact(str(path))
         print(f"train-agent {args.game}-{args.seed}: {metrics['epochs']} epochs, {metrics['env_steps']} real steps, "
               f"{metrics['episodes']} episodes -> {args.out_checkpoint}")
 

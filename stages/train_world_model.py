@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import torch
 
 from diamond.allocator import reuse_freed_memory
@@ -31,6 +30,7 @@ from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json
 from diamond.seeds import WORLD_MODEL_FIDELITY, derived_seed
 from diamond.training import apply_speed_switches
 from diamond.world_model_loop import start_or_resume, train
+from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
 from stages.tracking import stage_run
 
@@ -58,17 +58,18 @@ def run(args: Any, p: Params) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     def log_row(row: dict[str, float]) -> None:
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step=int(row["iteration"]))
+        tracking.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step=int(row["iteration"]))
 
     run = start_or_resume(c, game, seed, store, store.num_actions, p.env.obs_size, args.out_checkpoint, device, log_row)
     wm, curve = run.world_model, run.curve
     apply_speed_switches(p, (wm.denoiser, wm.reward_end), wm.denoiser.net)
 
-    with stage_run("train-world-model", sections=stage_sections(p, "train-world-model"), game=game, seed=seed, inputs=[args.dataset]):
-        mlflow.set_tag("reuse_freed_memory_in_force", allocator_reuse)
-        mlflow.log_params({"resumed_from_denoiser_step": wm.denoiser_steps, "resumed_from_reward_end_step": wm.reward_end_steps})
+    with stage_run("train-world-model", sections=stage_sections(p, "train-world-model"), game=game, seed=seed,
+                   inputs=[args.dataset], job_dir=args.out_checkpoint.parent):
+        tracking.set_tag("reuse_freed_memory_in_force", allocator_reuse)
+        tracking.log_params({"resumed_from_denoiser_step": wm.denoiser_steps, "resumed_from_reward_end_step": wm.reward_end_steps})
         for name, n in wm.num_parameters().items():
-            mlflow.log_param(f"num_parameters_{name}", n)
+            tracking.log_param(f"num_parameters_{name}", n)
         for row in curve.rows:  # the resumed run's history, so the MLflow curve is whole
             log_row(row)
         start = time.perf_counter()
@@ -95,10 +96,10 @@ def run(args: Any, p: Params) -> None:
         }
         atomic_write_json(args.out_metrics, metrics)
         atomic_write_bytes(args.out_curve, curve.csv_bytes())
-        mlflow.log_metrics(summary_metrics(fidelity))
+        tracking.log_metrics(summary_metrics(fidelity))
         for path in (args.out_metrics, args.out_curve, args.out_media / GIF_NAME, args.out_checkpoint):
             if path.is_file():
-                mlflow.log_artifact(str(path))
+                tracking.log_artifact(str(path))
         h = fidelity["open_loop"]["horizons"]
         first = h[str(min(p.evaluate.fidelity_horizons))]
         print(
