@@ -1,16 +1,18 @@
 """A real single-node SLURM cluster for the tests: Debian's munged, slurmctld and slurmd, run as
-root with every key, socket, state, pid and log file in one temporary directory, on free ports,
-so that it neither needs nor touches /etc/slurm, /etc/munge or another cluster on the machine.
+root in the foreground, with their key, socket, state, pid and log files in one temporary
+directory and free ports, so that another cluster's or a previous run's state plays no part.
 
-Clients find it through SLURM_CONF (`Cluster.env`), and at the default path: the fixture links
-/etc/slurm/slurm.conf to it while the cluster runs, because the executor plugin's job step
-(snakemake-executor-plugin-slurm-jobstep 0.6.1) removes every SLURM_* variable but the job's
-identity, SLURM_CONF included, from the environment of the `srun` that runs the rule inside the
-job; that srun then finds only the default path. A file lock lets one such cluster run at a time.
-No accounting daemon (slurmdbd needs a
-MySQL/MariaDB server): job states come from slurmctld, which `squeue --states=all` reads for
-MinJobAge seconds after a job ends, so the executor plugin's status command is `squeue`
-(`--slurm-status-command squeue`; docs: https://slurm.schedmd.com/slurm.conf.html#OPT_MinJobAge).
+Clients find it through SLURM_CONF (`Cluster.env`) and, while it runs, at the default path:
+/etc/slurm/slurm.conf links to its config. Inside a job the executor plugin runs the rule through
+`srun` after removing every SLURM_* variable but the job's identity, SLURM_CONF included
+(snakemake-executor-plugin-slurm-jobstep 0.6.1), so that srun finds only the default path. A
+file lock lets one such cluster run on the machine at a time.
+
+No accounting daemon (slurmdbd needs a MySQL/MariaDB server), so `sacct` fails ("Slurm
+accounting storage is disabled"); job states come from slurmctld, which `squeue --states=all`
+reports for MinJobAge seconds after a job ends: the executor plugin's status command is
+`squeue` (`--slurm-status-command squeue`; https://slurm.schedmd.com/slurm.conf.html#OPT_MinJobAge).
+No cgroups either (containers rarely delegate them): processes are tracked through /proc.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DAEMONS = ("munged", "slurmctld", "slurmd")
-CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel")
+PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scancel")
 DEBIAN_PACKAGES = "slurmctld slurmd slurm-client munge"
 SBIN = ("/usr/sbin", "/sbin")
 DEFAULT_CONF = Path("/etc/slurm/slurm.conf")  # where srun looks without SLURM_CONF (Debian's build)
@@ -39,7 +40,7 @@ def which(name: str) -> str | None:
 
 def why_unavailable() -> str | None:
     """None when a cluster can be started here, else the reason (for pytest.skip)."""
-    missing = [n for n in DAEMONS + CLIENTS if which(n) is None]
+    missing = [n for n in PROGRAMS if which(n) is None]
     if missing:
         return (f"SLURM/munge not installed ({', '.join(missing)} missing); as root, "
                 f"`apt-get install {DEBIAN_PACKAGES}` (scripts/setup.sh --test does)")
@@ -102,11 +103,9 @@ StateSaveLocation={r / 'ctld'}
 SlurmdSpoolDir={r / 'spool'}
 SlurmctldPidFile={r / 'slurmctld.pid'}
 SlurmdPidFile={r / 'slurmd.pid'}
-SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
 SlurmctldDebug=info
 SlurmdDebug=info
-# no cgroups in a container: track job processes through /proc, bind no tasks
+# no cgroups: track job processes through /proc, bind no tasks
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -117,9 +116,9 @@ SchedulerType=sched/builtin
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
-# a job over its time limit gets SIGTERM, then SIGKILL after KillWait seconds
+# a job over its time limit gets SIGTERM, then SIGKILL after KillWait seconds (the default)
 OverTimeLimit=0
-KillWait=5
+KillWait=30
 # finished jobs stay visible to `squeue --states=all` this long (the plugin's status command)
 MinJobAge=600
 InactiveLimit=0
@@ -129,7 +128,9 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
 """)
 
     def _spawn(self, *cmd: str) -> None:
-        log = open(self.root / "log" / f"{Path(cmd[0]).name}.out", "w")
+        """Start a daemon in the foreground, logging to log/NAME.log (slurmctld -D, slurmd -D log
+        to stderr when slurm.conf names no log file)."""
+        log = open(self.root / "log" / f"{Path(cmd[0]).name}.log", "w")
         self.procs.append(subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
                                            env={**os.environ, **self.env}, start_new_session=True))
 
@@ -145,11 +146,11 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
         DEFAULT_CONF.unlink(missing_ok=True)  # a link (why_unavailable), left by a killed test run
         DEFAULT_CONF.symlink_to(self.conf)
         m = self.root / "munge"
-        subprocess.run([which("mungekey") or "mungekey", "--create", f"--keyfile={m / 'munge.key'}"],
+        subprocess.run([which("mungekey"), "--create", f"--keyfile={m / 'munge.key'}"],
                        check=True, capture_output=True)
         self._spawn(which("munged"), "--foreground", "--force", f"--key-file={m / 'munge.key'}",
                     f"--socket={m / 'munge.socket'}", f"--pid-file={m / 'munged.pid'}",
-                    f"--log-file={self.root / 'log' / 'munged.log'}", f"--seed-file={m / 'munged.seed'}")
+                    f"--log-file={m / 'munged.log'}", f"--seed-file={m / 'munged.seed'}")
         self._wait(lambda: (m / "munge.socket").exists(), timeout, "munged did not create its socket")
         # -i: ignore state a previous cluster left (there is none in a fresh directory)
         self._spawn(which("slurmctld"), "-D", "-i", "-f", str(self.conf))
@@ -176,6 +177,9 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
         """Cancel every job, then stop the daemons (slurmd, slurmctld, munged) and wait for them."""
         if self.procs:
             self.run("scancel", "--full", "--partition", self.partition)
+            deadline = time.monotonic() + 60  # KillWait, then SIGKILL
+            while time.monotonic() < deadline and self.run("squeue", "--noheader").stdout.strip():
+                time.sleep(1)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
