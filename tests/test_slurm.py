@@ -44,8 +44,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def slow_agent_params() -> dict:
-    """The tiny pipeline, but a train-agent stage that trains for well over 90 s of one CPU core
-    (so the 1-minute limit always kills it) in ~2 s epochs, each checkpointed."""
+    """The tiny pipeline, but a train-agent stage that trains for about 2.5 minutes of one CPU
+    core (so that the 1-minute limit kills it even on a faster machine) in ~2.5 s epochs, each
+    checkpointed (so that the killed attempt leaves a state to resume, unless the CPU is so
+    starved that it finishes no epoch in 60-90 s)."""
     d = pipeline_params(seeds=[0])
     d["agent"].update(final_epochs_without_collection=55, denoiser_steps_per_epoch=20,
                       reward_end_steps_per_epoch=10, actor_critic_steps_per_epoch=20, checkpoint_every_epochs=1)
