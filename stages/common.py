@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -88,8 +89,20 @@ def resolve_device(params: Params) -> torch.device:
     return torch.device(params.device)
 
 
+def _terminated(signum: int, frame) -> None:
+    print(f"error: stopped by {signal.Signals(signum).name} (a time limit, scancel, the workflow stopping)",
+          file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def run_main(main: Callable[[], None]) -> None:
-    """Run a stage; bad input exits with status 2 and one line on stderr, not a traceback."""
+    """Run a stage; bad input exits with status 2 and one line on stderr, not a traceback.
+
+    SIGTERM, which SLURM sends a job at its time limit (KillWait seconds before SIGKILL) and
+    Snakemake its jobs when it stops, unwinds the stage as an error would: its MLflow run ends
+    FAILED (stages.tracking.stage_run) instead of staying RUNNING forever, and the exit status
+    is 143 as for an unhandled SIGTERM."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
     except (ConfigError, ArtifactError) as e:

@@ -83,11 +83,12 @@ def tool_env(store: Path) -> dict[str, str]:
     return env
 
 
-def run_tool(repo: Path, store: Path, *cmd: str, timeout: int = 600, stdout_only: bool = False) -> str:
+def run_tool(repo: Path, store: Path, *cmd: str, timeout: int = 600, stdout_only: bool = False,
+             extra_env: dict[str, str] | None = None) -> str:
     """Run dvc/snakemake in `repo`; fail the test with the tool's output tail if it fails.
     Returns stdout and stderr together (the tools log to stderr), or stdout alone."""
-    p = subprocess.run(list(cmd), cwd=repo, env=tool_env(store), capture_output=True, text=True,
-                       timeout=timeout)
+    p = subprocess.run(list(cmd), cwd=repo, env={**tool_env(store), **(extra_env or {})}, capture_output=True,
+                       text=True, timeout=timeout)
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-4000:]}"
     return p.stdout if stdout_only else out
