@@ -55,8 +55,10 @@ def learning_params() -> Params:
     d["world_model"]["denoiser"]["num_autoregressive_steps"] = 0
     d["world_model"]["reward_end"].update(
         channels=[16, 16, 16, 16], depths=[1, 1, 1, 1], cond_channels=32, num_groups_channels=16,
-        lstm_dim=64, segment_length=19,  # the paper's segments (10 steps: R stays at the majority class)
+        lstm_dim=64,
     )
+    # R's segments are horizon + 4 conditioning frames: 19, the paper's (10 steps: R stays at the majority class)
+    d["actor_critic"]["horizon"] = 15
     for opt in ("denoiser_optimizer", "reward_end_optimizer"):
         d["world_model"][opt].update(lr=1e-3, warmup_steps=20)
     return params_from_dict(d)
