@@ -93,16 +93,15 @@ def imagination_loss(
 
 
 def compiled_forward(ac: ActorCritic) -> Callable[..., Any]:
-    """The actor-critic's forward under torch.compile(mode="reduce-overhead") (params
-    compile_imagination), for `imagination_loss`'s `forward`. Its outputs are copied out: CUDA
-    graphs reuse their output buffers at the next replay, and the loss keeps every step's."""
-    fn = torch.compile(ac, mode="reduce-overhead")
+    """The actor-critic's forward under torch.compile without CUDA graphs (params
+    compile_imagination), for `imagination_loss`'s `forward`: inductor's fused kernels only.
 
-    def forward(obs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[Any, ...]:
-        logits, value, (h, c) = fn(obs, state)
-        return logits.clone(), value.clone(), (h.clone(), c.clone())
-
-    return forward
+    Not mode="reduce-overhead": a CUDA-graphed forward that needs gradients leaves its backward
+    pending through the whole unroll, and then CUDA graph trees fall back to their slow path for
+    every graph of the process, the imagined step's too (measured on an H200: 1.02x; the warning
+    "Unable to hit fast path of CUDAGraphs because of pending, uninvoked backwards";
+    docs/results.md, "GPU measurement"). The official code graphs only the world model's step."""
+    return torch.compile(ac)
 
 
 def real_data_loss(

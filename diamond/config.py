@@ -281,7 +281,7 @@ class Params:
     compile_denoiser: bool  # torch.compile the denoiser's U-Net (speed only)
     reuse_freed_memory: bool  # keep freed CPU memory in the process (glibc malloc; speed only)
     tf32: bool  # TF32 matmuls and convolutions on CUDA for the fp32 path (official src/trainer.py); no effect on CPU
-    compile_imagination: bool  # torch.compile(mode="reduce-overhead") of each imagined step (speed only)
+    compile_imagination: bool  # torch.compile of each imagined step, CUDA graphs for the world model's part (speed only)
     env: EnvConfig
     collect: CollectConfig
     world_model: WorldModelConfig

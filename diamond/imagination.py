@@ -132,6 +132,10 @@ class ImaginationEnv:
             raise RuntimeError("ImaginationEnv.step called before reset")
         self.act_buffer[:, -1] = action
         noise = self.sampler.draw_noise(self.obs_buffer)
+        if self.compiled:
+            # A new CUDA graph tree step: the last replay's outputs were copied out below, so its
+            # buffers may be reused (without this, each call would check for live outputs).
+            torch.compiler.cudagraph_mark_step_begin()
         next_obs, logits_rew, logits_end, self.reward_state = self._transition_fn(
             self.obs_buffer, self.act_buffer, noise, self.reward_state
         )

@@ -247,8 +247,8 @@ def test_static_shape_step_gives_the_gathering_steps_results(tiny_params: Params
 
 @pytest.mark.slow
 def test_compiled_imagination_gives_eager_results(tiny_params: Params, store: EpisodeStore) -> None:
-    """params compile_imagination: the step's sampler + R and the actor-critic's forward under
-    torch.compile(mode="reduce-overhead") (inductor on CPU) give eager mode's imagined frames,
+    """params compile_imagination: the step's sampler + R under torch.compile(mode="reduce-overhead")
+    and the actor-critic's forward under torch.compile (inductor on CPU) give eager mode's imagined frames,
     rewards, ends, actions and losses, with rows ending mid-horizon and the sampler's noise drawn
     outside the compiled code."""
     runs = []
