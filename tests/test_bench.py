@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from benchmarks import bench
+from diamond.config import load_params
 
 TINY = ["--config", str(bench.ROOT / "params.yaml"), "--batch-size", "2", "--obs-size", "32", "--reps", "1",
         "--matmul-size", "256", "--threads", "1"]
@@ -134,3 +136,46 @@ def test_bf16_actor_critic_compares_three_runs(tmp_path):
         assert r[f"{m}_bf16_minus_fp32"] == pytest.approx(r[f"{m}_bf16_seed0"] - r[f"{m}_fp32_seed0"])
         assert isinstance(r[f"{m}_bf16_within_noise"], bool)
     assert r["loss_value_fp32_seed0"] != r["loss_value_fp32_seed1"]  # the seed changes the run
+
+
+def test_denoiser_draws_trains_and_measures_a_draw_and_a_checkpoint(tmp_path):
+    """benchmarks.denoiser_draws: D alone from one training draw on a real Breakout store, its
+    per-step fidelity against repeat-last; the same draw twice gives the same figures (the draw
+    is all the randomness), another autoregressive setting other ones, and `--checkpoint`
+    measures a saved world model's D on the same rollouts."""
+    import json
+
+    from benchmarks import denoiser_draws
+    from diamond.collector import Collector, UniformPolicy
+    from diamond.data import EpisodeStore
+    from diamond.env import make_env, num_actions
+    from diamond.world_model import build_world_model, save_world_model
+    from tests.conftest import tiny_params_dict, write_params
+
+    d = tiny_params_dict()
+    d["compile_denoiser"] = False
+    params = write_params(tmp_path / "params.yaml", d)
+    p = load_params(params)
+    store = EpisodeStore(tmp_path / "store", "Breakout", num_actions("Breakout"))
+    collector = Collector(make_env("Breakout", 0, train=True, config=p.env),
+                          UniformPolicy(num_actions("Breakout"), np.random.default_rng(0)), store)
+    collector.collect(120)
+    collector.flush()
+    common = ["--params", str(params), "--dataset", str(store.root), "--steps", "3", "--heldout", "1", "--rollouts", "2"]
+    runs = {}
+    for name, extra in (("a", ["--autoregressive-steps", "1"]), ("b", ["--autoregressive-steps", "1"]),
+                        ("c", ["--autoregressive-steps", "0"])):
+        denoiser_draws.main(common + extra + ["--json", str(tmp_path / f"{name}.json")])
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    assert len(a["mse"]) == len(a["mse_repeat_last"]) == denoiser_draws.HORIZON
+    assert a["num_rollouts"] == 2 and a["autoregressive_steps"] == 1 and c["autoregressive_steps"] == 0
+    assert a["mse"] == b["mse"] and a["final_loss"] == b["final_loss"]
+    assert a["mse"] != c["mse"]
+    assert a["mse_repeat_last"] == c["mse_repeat_last"]  # the same held-out rollouts
+    assert a["ratio_h1"] == pytest.approx(a["mse"][0] / a["mse_repeat_last"][0])
+    wm = build_world_model(p.world_model, num_actions("Breakout"), p.env.obs_size, torch.device("cpu"))
+    save_world_model(tmp_path / "world_model.pt", wm)
+    denoiser_draws.main(common + ["--checkpoint", str(tmp_path / "world_model.pt"), "--json", str(tmp_path / "ckpt.json")])
+    ckpt = json.loads((tmp_path / "ckpt.json").read_text())
+    assert ckpt["mse_repeat_last"] == a["mse_repeat_last"] and ckpt["mse"] != a["mse"]
