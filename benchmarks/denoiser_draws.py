@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from diamond.config import load_params
-from diamond.data import EpisodeStore, SegmentSampler
+from diamond.data import EpisodeStore
+from diamond.data.sampler import RECENCY_WEIGHTS
 from diamond.fidelity import heldout_episodes
 from diamond.models.denoiser import Denoiser
-from diamond.study import open_loop_errors
-from diamond.training import Trainer, apply_speed_switches
+from diamond.study import open_loop_errors, train_denoiser
+from diamond.training import apply_speed_switches
 from diamond.world_model import load_world_model, make_sampler
 
 HORIZON = 15
@@ -39,23 +40,20 @@ ROLLOUT_SEED = 7  # the sampler's noise in the rollouts, the same for every draw
 
 
 def train(p, store: EpisodeStore, autoregressive_steps: int, steps: int, train_seed: int) -> tuple[Denoiser, float]:
-    cfg = p.world_model
-    den_cfg = dataclasses.replace(cfg.denoiser, num_autoregressive_steps=autoregressive_steps)
-    torch.manual_seed(train_seed)
-    denoiser = Denoiser(den_cfg, store.num_actions)
-    apply_speed_switches(p, (denoiser,), denoiser.net)
-    trainer = Trainer(denoiser, cfg.denoiser_optimizer)
-    segments = SegmentSampler(store, np.random.default_rng(1000 + train_seed))  # recency weights, as the stage
-    denoiser.train()
-    losses = []
-    for step in range(steps):
-        seg = segments.sample(cfg.batch_size, den_cfg.training_segment_steps).to_torch("cpu")
-        loss, metrics = denoiser.compute_loss(seg)
-        trainer.step(loss)
+    """study.train_denoiser with the config's D, `autoregressive_steps`, and the recency weights of
+    train-world-model; returns D and its mean loss over the last 200 steps."""
+    cfg = dataclasses.replace(p.world_model, denoiser=dataclasses.replace(
+        p.world_model.denoiser, num_autoregressive_steps=autoregressive_steps))
+    losses: list[float] = []
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
         losses.append(metrics["loss"])
-        if (step + 1) % 500 == 0:
-            print(f"step {step + 1}: loss {np.mean(losses[-100:]):.4f}", flush=True)
-    return denoiser.eval(), float(np.mean(losses[-200:]))
+        if step % 500 == 0:
+            print(f"step {step}: loss {np.mean(losses[-100:]):.4f}", flush=True)
+
+    denoiser = train_denoiser(cfg, store, store.num_actions, steps, train_seed, torch.device("cpu"),
+                              lambda net: apply_speed_switches(p, (net,), net.net), on_step, weights=RECENCY_WEIGHTS)
+    return denoiser, float(np.mean(losses[-200:]))
 
 
 def fidelity(p, denoiser: Denoiser, game: str, seed: int, heldout: int, rollouts: int) -> dict:

@@ -88,18 +88,19 @@ def train_denoiser(
     device: torch.device,
     prepare: Callable[[Denoiser], None] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    weights: tuple[float, ...] | None = None,
 ) -> Denoiser:
-    """D trained for `steps` steps on segments of `episodes` (the official batch sampler's
-    weights), initialised and sampled from `seed` alone, so variants differ only in themselves.
-    `prepare` runs on the fresh model (memory layout, compilation); `on_step` gets each step's metrics."""
+    """D trained for `steps` steps on segments of `episodes`, initialised and sampled from `seed`
+    alone, so variants differ only in themselves. `prepare` runs on the fresh model (memory
+    layout, compilation); `on_step` gets each step's metrics. `weights`: the segment sampler's
+    recency weights; None (the study) is the official static-dataset mode, every step equally
+    likely (config/trainer.yaml static_dataset.ignore_sample_weights: True)."""
     torch.manual_seed(seed)
     denoiser = Denoiser(cfg.denoiser, num_actions).to(device)
     if prepare is not None:
         prepare(denoiser)
     trainer = Trainer(denoiser, cfg.denoiser_optimizer)
-    # A static dataset has no recency: every step equally likely, as the official trainer samples
-    # one (config/trainer.yaml static_dataset.ignore_sample_weights: True).
-    segments = SegmentSampler(episodes, stream_rng(seed, STUDY_SEGMENTS), weights=None)  # type: ignore[arg-type]
+    segments = SegmentSampler(episodes, stream_rng(seed, STUDY_SEGMENTS), weights=weights)  # type: ignore[arg-type]
     denoiser.train()
     progress = Progress(f"study: {cfg.denoiser.formulation} denoiser, seed {seed}", steps)
     for step in range(steps):

@@ -143,8 +143,6 @@ def test_denoiser_draws_trains_and_measures_a_draw_and_a_checkpoint(tmp_path):
     per-step fidelity against repeat-last; the same draw twice gives the same figures (the draw
     is all the randomness), another autoregressive setting other ones, and `--checkpoint`
     measures a saved world model's D on the same rollouts."""
-    import json
-
     from benchmarks import denoiser_draws
     from diamond.collector import Collector, UniformPolicy
     from diamond.data import EpisodeStore
