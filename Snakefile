@@ -5,17 +5,18 @@
 #   snakemake -n --config params=configs/paper.yaml       # dry run of the paper's 26 x 5 runs
 #   snakemake --profile profiles/slurm --config params=configs/paper.yaml    # on a SLURM cluster
 #
-# Rerun rules (profiles/default/config.yaml): `--rerun-triggers code params input
-# software-env`, without `mtime`, because DVC does not keep file timestamps on checkout. So that
-# editing a params key or a source file still reruns exactly the stages that read it, each
-# rule's `params` carries a digest of the params keys and of the source files the stage reads
-# (the same lists that dvc.yaml declares, from stages/pipeline.py). Outputs that Snakemake has
-# no record of (built by DVC, by hand, or under another params file) are judged by their
-# provenance records (stages/pipeline.py, "Provenance"): every job takes its provenance key
-# file as an input, which is dated now, and so reruns the job with all that follows, exactly
-# when the job's outputs came from other params or code.
+# What runs is decided from file contents alone, never from file times, so that results restored
+# by `dvc pull`/`dvc checkout` or copied stay current (stages/pipeline.py, "Provenance"): every
+# job writes a provenance record (an output here and in dvc.yaml, so it travels with the other
+# outputs); every input is `ancient` unless the job that makes it runs (`made_by`); a job whose
+# outputs are on disk but not current (another key, no record, a file that differs from its
+# record, a job before it that runs) takes a stale marker as an input, written when this file is
+# read, dated after the job's outputs, and saying why (printed as `provenance: rerun ...`).
+# profiles/default sets the rerun triggers to `software-env` alone, so Snakemake's own records
+# of earlier runs (.snakemake/metadata, which do not travel) decide nothing either.
 
 import os
+import re
 import shlex
 import sys
 import time
@@ -44,9 +45,34 @@ RUN = "runs/{game}-{seed}"
 ARGS = "--params {PARAMS_FILE} --game {wildcards.game} --seed {wildcards.seed}"
 
 
-def rerun_digests(stage):
-    """Rule params: a change in what the stage reads reruns it (`--rerun-triggers params`)."""
-    return {"config": pipeline.params_digest(P, stage), "code": pipeline.code_digest(stage)}
+# The plan (job -> why it must run) and, for every job in it whose outputs are on disk, a stale
+# marker (path -> reason). Only the main process plans: a cluster job re-reads this file to run
+# the one job it was given. Markers are named after this invocation, so that one left by an
+# interrupted run is not taken for this run's (`stages.pipeline done` removes a job's markers).
+PLAN = pipeline.plan(P) if workflow.is_main_process else {}
+MARKER_TAG = re.sub(r"[^A-Za-z0-9_.-]", "_", os.environ["DIAMOND_PIPELINE_ID"])
+STALE = pipeline.stale_markers(P, PLAN, MARKER_TAG)
+for _reason in STALE.values():
+    print(f"provenance: rerun {_reason}", file=sys.stderr)
+
+
+def made_by(path, stage, game=None, seed=None):
+    """An input made by the job (stage, game, seed): `ancient`, so that its date counts for
+    nothing, unless the plan runs that job; then Snakemake must see the input as new, so that
+    the job reading it runs after it (it skips a job reading only ancient inputs, although the
+    plan, which follows every job after one that runs, has it too)."""
+    return path if (stage, game, seed) in PLAN else ancient(path)
+
+
+def stale(stage, game=None, seed=None):
+    """A job's stale marker as an input when the plan reruns it, else nothing."""
+    marker = pipeline.stale_marker_path(stage, game, seed, MARKER_TAG)
+    return [marker] if marker in STALE else []
+
+
+def record(job_dir, stage):
+    """The job's provenance record as a rule output (job_dir may hold the rule's wildcards)."""
+    return f"{job_dir}/{pipeline.PROVENANCE_DIR}/{stage}.json"
 
 
 def res(cpu_threads, gpu_threads, mem_mb, runtime_min, gpu=False):
@@ -77,14 +103,14 @@ rule all:
         "reports/atari100k_table.md",
 
 
+
 rule collect:
     input:
-        provenance=lambda w: pipeline.key_file(P, "collect", w.game, int(w.seed)),
+        stale=lambda w: stale("collect", w.game, int(w.seed)),
     output:
         dataset=directory(RUN + "/dataset_initial"),
         stats=RUN + "/collect.json",
-    params:
-        **rerun_digests("collect"),
+        provenance=record(RUN, "collect"),
     log:
         "logs/collect/{game}-{seed}.log",
     threads: R["collect"]["threads"]
@@ -100,15 +126,14 @@ rule collect:
 
 rule train_world_model:
     input:
-        dataset=RUN + "/dataset_initial",
-        provenance=lambda w: pipeline.key_file(P, "train-world-model", w.game, int(w.seed)),
+        dataset=lambda w: made_by(pipeline.run_dir(w.game, int(w.seed)) + "/dataset_initial", "collect", w.game, int(w.seed)),
+        stale=lambda w: stale("train-world-model", w.game, int(w.seed)),
     output:
         checkpoint=RUN + "/world_model.pt",
         metrics=RUN + "/world_model.json",
         curve=RUN + "/world_model_curve.csv",
         media=directory(RUN + "/world_model_media"),
-    params:
-        **rerun_digests("train-world-model"),
+        provenance=record(RUN, "train-world-model"),
     log:
         "logs/train_world_model/{game}-{seed}.log",
     threads: R["train_world_model"]["threads"]
@@ -126,18 +151,18 @@ rule train_world_model:
 
 rule train_agent:
     input:
-        dataset=RUN + "/dataset_initial",
-        world_model=RUN + "/world_model.pt",
-        provenance=lambda w: pipeline.key_file(P, "train-agent", w.game, int(w.seed)),
+        dataset=lambda w: made_by(pipeline.run_dir(w.game, int(w.seed)) + "/dataset_initial", "collect", w.game, int(w.seed)),
+        world_model=lambda w: made_by(pipeline.run_dir(w.game, int(w.seed)) + "/world_model.pt", "train-world-model", w.game, int(w.seed)),
+        stale=lambda w: stale("train-agent", w.game, int(w.seed)),
     output:
         checkpoint=RUN + "/agent.pt",
         dataset=directory(RUN + "/dataset"),
         metrics=RUN + "/agent.json",
         curve=RUN + "/agent_curve.csv",
+        provenance=record(RUN, "train-agent"),
     params:
         # resume scratch, not an output: a job killed at the time limit resumes when rerun
         state_dir=RUN + "/agent_state",
-        **rerun_digests("train-agent"),
     log:
         "logs/train_agent/{game}-{seed}.log",
     threads: R["train_agent"]["threads"]
@@ -156,15 +181,14 @@ rule train_agent:
 
 rule evaluate:
     input:
-        agent=RUN + "/agent.pt",
-        dataset=RUN + "/dataset",
-        provenance=lambda w: pipeline.key_file(P, "evaluate", w.game, int(w.seed)),
+        agent=lambda w: made_by(pipeline.run_dir(w.game, int(w.seed)) + "/agent.pt", "train-agent", w.game, int(w.seed)),
+        dataset=lambda w: made_by(pipeline.run_dir(w.game, int(w.seed)) + "/dataset", "train-agent", w.game, int(w.seed)),
+        stale=lambda w: stale("evaluate", w.game, int(w.seed)),
     output:
         score=RUN + "/score.json",
         fidelity=RUN + "/evaluate_fidelity.json",
         media=directory(RUN + "/evaluate_media"),
-    params:
-        **rerun_digests("evaluate"),
+        provenance=record(RUN, "evaluate"),
     log:
         "logs/evaluate/{game}-{seed}.log",
     threads: R["evaluate"]["threads"]
@@ -186,13 +210,12 @@ RELEASED = "runs/released/{game}"
 
 rule import_released:
     input:
-        provenance=lambda w: pipeline.key_file(P, "import-released", w.game),
+        stale=lambda w: stale("import-released", w.game),
     output:
         world_model=RELEASED + "/world_model.pt",
         agent=RELEASED + "/agent.pt",
         source=RELEASED + "/source.json",
-    params:
-        **rerun_digests("import-released"),
+        provenance=record(RELEASED, "import-released"),
     log:
         "logs/import_released/{game}.log",
     threads: R["import_released"]["threads"]
@@ -208,15 +231,15 @@ rule import_released:
 
 rule evaluate_released:
     input:
-        agent=RELEASED + "/agent.pt",
-        provenance=lambda w: pipeline.key_file(P, "evaluate-released", w.game),
+        agent=lambda w: made_by(pipeline.released_dir(w.game) + "/agent.pt", "import-released", w.game),
+        stale=lambda w: stale("evaluate-released", w.game),
     output:
         score=RELEASED + "/score.json",
         fidelity=RELEASED + "/evaluate_fidelity.json",
         media=directory(RELEASED + "/evaluate_media"),
+        provenance=record(RELEASED, "evaluate-released"),
     params:
         seed=P["released"]["seed"],
-        **rerun_digests("evaluate-released"),
     log:
         "logs/evaluate_released/{game}.log",
     threads: R["evaluate"]["threads"]
@@ -233,16 +256,15 @@ rule evaluate_released:
 
 rule aggregate:
     input:
-        scores=pipeline.score_files(P),
-        provenance=pipeline.key_file(P, "aggregate"),
+        scores=[made_by(path, *job) for path, job in pipeline.score_jobs(P)],
+        stale=stale("aggregate"),
     output:
         table="reports/atari100k_table.md",
         csv="reports/atari100k_table.csv",
         tex="reports/atari100k_table.tex",
         json="reports/atari100k_aggregate.json",
         released="reports/released_vs_paper.md",
-    params:
-        **rerun_digests("aggregate"),
+        provenance=record(pipeline.REPORTS_DIR, "aggregate"),
     log:
         "logs/aggregate.log",
     threads: R["aggregate"]["threads"]
@@ -260,7 +282,7 @@ rule aggregate:
 # not part of `all`. `snakemake -j 2 study` trains and rolls out every variant x seed of
 # study.variants x study.seeds on the static store study.dataset, then writes reports/study/.
 # Study jobs live in study/{game}/{variant}-{seed}; the variant's definition reaches the stage
-# command (and the rerun-on-params digests) from the params file.
+# command (and its provenance key) from the params file.
 STUDY = P["study"]
 STUDY_JOB = "study/{game}/{variant}-{seed}"
 STUDY_GAMES = pipeline.study_games(P)
@@ -277,19 +299,19 @@ rule study:
 
 rule study_variant:
     input:
-        dataset=STUDY["dataset"],
-        provenance=lambda w: pipeline.key_file(P, "study", pipeline.study_job(w.game, w.variant), int(w.seed)),
+        dataset=made_by(STUDY["dataset"], *(pipeline.dataset_producer(P) or [(None, None, None)])[0]),
+        stale=lambda w: stale("study", pipeline.study_job(w.game, w.variant), int(w.seed)),
     output:
         checkpoint=STUDY_JOB + "/denoiser.pt",
         errors=STUDY_JOB + "/errors.npz",
         metrics=STUDY_JOB + "/metrics.json",
+        provenance=record(STUDY_JOB, "study"),
     wildcard_constraints:
         variant="[A-Za-z][A-Za-z0-9_-]*",
     params:
         formulation=lambda w: study_variant(w.variant)["formulation"],
         num_steps=lambda w: study_variant(w.variant)["num_steps"],
         out_dir=lambda w: pipeline.study_job_dir(w.game, w.variant, int(w.seed)),
-        **rerun_digests("study"),
     log:
         "logs/study/{game}-{variant}-{seed}.log",
     threads: R["study"]["threads"]
@@ -306,17 +328,18 @@ rule study_variant:
 rule study_report:
     input:
         # evaluated only when the report is asked for, so only when study.games names a game
-        errors=lambda w: [pipeline.study_job_dir(g, v, s) + "/errors.npz" for g, v, s in pipeline.study_jobs(P)],
-        provenance=lambda w: pipeline.key_file(P, "study-report", STUDY_GAMES[0]),
+        errors=lambda w: [made_by(pipeline.study_job_dir(g, v, s) + "/errors.npz", "study", pipeline.study_job(g, v), s)
+                          for g, v, s in pipeline.study_jobs(P)],
+        stale=lambda w: stale("study-report", STUDY_GAMES[0]),
     output:
         table=pipeline.STUDY_REPORTS_DIR + "/study_table.md",
         csv=pipeline.STUDY_REPORTS_DIR + "/study_table.csv",
         json=pipeline.STUDY_REPORTS_DIR + "/study.json",
         curve=pipeline.STUDY_REPORTS_DIR + "/study_error_vs_horizon.png",
         frames=pipeline.STUDY_REPORTS_DIR + "/study_frames.png",
+        provenance=record(pipeline.STUDY_REPORTS_DIR, "study-report"),
     params:
         game=lambda w: STUDY_GAMES[0],
-        **rerun_digests("study-report"),
     log:
         "logs/study_report.log",
     threads: R["study_report"]["threads"]

@@ -2,28 +2,31 @@
 
 - the runs (game, seed) of a params file and the per-run artifact paths, and the games of the
   authors' released agents (`released.games`, artifacts under runs/released/G);
-- the params keys each stage reads (DVC `params:`, Snakemake rerun-on-params);
-- the source files each stage runs (DVC `deps:`, Snakemake rerun-on-code), found from the
-  stage module's imports so that nothing is forgotten.
+- the params keys each stage reads (DVC `params:`, the provenance key below);
+- the source files each stage runs (DVC `deps:`, the provenance key), found from the stage
+  module's imports so that nothing is forgotten.
 
-Provenance (the same for both tools, so that neither takes the other's outputs for up to date
-when they were built from other params or code): every job has a key, the hash of the params
-keys it reads, of its source files and of its upstream jobs' keys (`stage_key`). When a stage
-command succeeds, both dvc.yaml and the Snakefile run `python -m stages.pipeline done ...`,
-which writes the key to DIR/.provenance/STAGE.json beside the outputs, and an empty
-DIR/.provenance/STAGE.key-KEY; a stage that starts removes the record (stages.common), so the
-outputs of an unfinished or unrecorded run have no provenance. Every Snakemake job takes the key
-file of its current key as an input (`key_file`), dated so that Snakemake reruns the job, and
-everything after it, exactly when its outputs were built under another key or none. Under Snakemake with
-params.yaml, `done` also runs `dvc commit` for the stage, so that dvc.lock records what
-Snakemake built and `dvc status` / `dvc repro` see it as DVC's own work.
+Provenance (one record for both tools, travelling with the outputs): every job has a key, the
+hash of the params keys it reads, of its source files and of its upstream jobs' keys
+(`stage_key`). When a stage command succeeds, both dvc.yaml and the Snakefile run `python -m
+stages.pipeline done ...`, which writes DIR/.provenance/STAGE.json: the key, and the size and
+md5 of every output file. The record is one of the job's outputs in both tools, so `dvc push`,
+`dvc pull`, `dvc checkout` and copies move it with the outputs it vouches for; a stage that
+starts removes it (stages.common), so the outputs of an unfinished run have none. `plan` is the
+one decision, made from file contents alone: a job must run when its outputs are missing, have
+no record, were built under another key or differ from their record, or when a job it reads
+runs. Snakemake follows it through the Snakefile: every input is `ancient` (no file time counts)
+and a job that must run although its outputs are on disk gets a stale marker as an input, which
+says why (`stale_markers`). DVC decides from dvc.lock, which records the same
+params, code and output hashes; under Snakemake with params.yaml, `done` also runs `dvc commit`
+for the stage, so that dvc.lock records what Snakemake built.
 
 Command line, used by dvc.yaml (DVC templating has no cartesian product) and the Snakefile:
 
     python -m stages.pipeline score-files --params params.yaml   # runs/G-S/score.json ...
     python -m stages.pipeline done --params params.yaml --stage evaluate --game G --seed S --tool dvc
     python -m stages.pipeline done --params params.yaml --stage study --game G --variant V --seed S --tool dvc
-    python -m stages.pipeline stale --params params.yaml         # the stale jobs, one per line
+    python -m stages.pipeline stale --params params.yaml         # the jobs that must run, and why
 
 It imports only the standard library and PyYAML: the Snakefile loads it on every invocation.
 """
@@ -92,6 +95,8 @@ STAGE_OUTPUTS: dict[str, list[str]] = {
     "study-report": ["study_table.md", "study_table.csv", "study.json", "study_error_vs_horizon.png", "study_frames.png"],
 }
 PROVENANCE_DIR = ".provenance"
+SNAKEMAKE_FLAG_FILE = ".snakemake_timestamp"  # Snakemake marks a finished folder output with it
+HASHED_MAX_BYTES = 1 << 20  # outputs up to 1 MiB are checked by content when planning, larger by size
 STUDY_DIR = "study"  # study jobs' outputs: study/G/VARIANT-S (outside runs/, which `aggregate` depends on)
 STUDY_REPORTS_DIR = f"{REPORTS_DIR}/study"
 DVC_PARAMS_FILE = "params.yaml"  # the params file dvc.yaml's stages read
@@ -121,11 +126,16 @@ def released_dir(game: str) -> str:
     return f"{RUNS_DIR}/released/{game}"
 
 
-def score_files(params: dict[str, Any]) -> list[str]:
-    """Every score file `aggregate` reads: the trained runs', then the released agents'."""
-    return [f"{run_dir(g, s)}/score.json" for g, s in runs(params)] + [
-        f"{released_dir(g)}/score.json" for g in released_games(params)
+def score_jobs(params: dict[str, Any]) -> list[tuple[str, tuple[str, str, int | None]]]:
+    """Every score file `aggregate` reads, with the job that writes it: the trained runs', then
+    the released agents'."""
+    return [(f"{run_dir(g, s)}/score.json", ("evaluate", g, s)) for g, s in runs(params)] + [
+        (f"{released_dir(g)}/score.json", ("evaluate-released", g, None)) for g in released_games(params)
     ]
+
+
+def score_files(params: dict[str, Any]) -> list[str]:
+    return [path for path, _ in score_jobs(params)]
 
 
 def study_games(params: dict[str, Any]) -> list[str]:
@@ -289,56 +299,152 @@ def job_dir(stage: str, game: str | None, seed: int | None) -> str:
 
 
 def provenance_path(stage: str, game: str | None, seed: int | None) -> Path:
+    """The job's provenance record, itself one of the job's outputs in both tools."""
     return Path(job_dir(stage, game, seed)) / PROVENANCE_DIR / f"{stage}.json"
 
 
-def stale_reason(params: dict[str, Any], stage: str, game: str | None = None, seed: int | None = None) -> str | None:
-    """Why the job's existing outputs do not come from the current params and code; None when
-    they do, or when there are none (then both tools run the job anyway)."""
-    if not (Path(job_dir(stage, game, seed)) / PRIMARY_OUTPUT[stage]).exists():
-        return None
-    record = provenance_path(stage, game, seed)
-    found = _recorded_key(record)
-    if found is None:
-        return f"{job_dir(stage, game, seed)}/{PRIMARY_OUTPUT[stage]} has no provenance record ({record})"
+def stale_marker_path(stage: str, game: str | None, seed: int | None, tag: str) -> str:
+    """The Snakefile's input that makes Snakemake rerun a job the provenance check finds not
+    current; `tag` names the Snakemake invocation, so a marker left by an interrupted one is never
+    taken for this one's."""
+    return f"{job_dir(stage, game, seed)}/{PROVENANCE_DIR}/{stage}.stale-{tag}"
+
+
+def _output_files(stage: str, game: str | None, seed: int | None) -> list[Path]:
+    """The files of the job's outputs, without Snakemake's own flag file in folder outputs
+    (written after the job, left out by .dvcignore too)."""
+    files: list[Path] = []
+    for name in STAGE_OUTPUTS[stage]:
+        path = Path(job_dir(stage, game, seed)) / name
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.name != SNAKEMAKE_FLAG_FILE)
+        else:
+            files.append(path)
+    return files
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def output_manifest(stage: str, game: str | None, seed: int | None) -> dict[str, dict[str, Any]]:
+    """Size and md5 of every file of the job's outputs (what DVC records in dvc.lock, per file)."""
+    return {f.as_posix(): {"size": f.stat().st_size, "md5": _md5(f)} for f in _output_files(stage, game, seed)}
+
+
+def outputs_present(stage: str, game: str | None, seed: int | None) -> bool:
+    """Whether anything of the job is on disk: an output or its record."""
+    paths = [Path(job_dir(stage, game, seed)) / name for name in STAGE_OUTPUTS[stage]]
+    return any(p.exists() for p in paths + [provenance_path(stage, game, seed)])
+
+
+def _manifest_mismatch(manifest: dict[str, Any], stage: str, game: str | None, seed: int | None) -> str | None:
+    """The first output file that is not the one the record lists. Files up to HASHED_MAX_BYTES
+    are compared by md5, larger ones by size, so that planning 130 paper runs reads only small
+    files; `dvc status` compares every byte."""
+    on_disk = {f.as_posix(): f for f in _output_files(stage, game, seed)}
+    for name, entry in sorted(manifest.items()):
+        f = on_disk.get(name)
+        if f is None:
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != entry.get("size"):
+            return f"{name} is {size} bytes, its provenance record says {entry.get('size')}"
+        if size <= HASHED_MAX_BYTES and _md5(f) != entry.get("md5"):
+            return f"{name} differs from its provenance record (md5)"
+    extra = sorted(set(on_disk) - set(manifest))
+    return f"{extra[0]} is not in its provenance record" if extra else None
+
+
+def own_reason(params: dict[str, Any], stage: str, game: str | None = None, seed: int | None = None) -> str | None:
+    """Why the job's outputs, taken alone, are not current; None when they are. Current means: a
+    record under the key of the current params and code, and every output file as it records."""
+    where = job_dir(stage, game, seed)
+    if not outputs_present(stage, game, seed):
+        return "not built"
+    missing = [name for name in STAGE_OUTPUTS[stage] if not (Path(where) / name).exists()]
+    if missing:
+        return f"{where}/{missing[0]} is missing"
+    record = _read_record(provenance_path(stage, game, seed))
+    if record is None:
+        return f"{where} has no provenance record (a stage killed, failed, or run without `stages.pipeline done`)"
     expected = stage_key(params, stage, game, seed)
-    if found != expected:
-        return f"{job_dir(stage, game, seed)}/{PRIMARY_OUTPUT[stage]} was built under key {found}; current params and code give {expected}"
-    return None
+    if record.get("key") != expected:
+        return f"{where} was built under key {record.get('key')}; current params and code give {expected}"
+    manifest = record.get("outputs")
+    if not isinstance(manifest, dict):
+        return f"{provenance_path(stage, game, seed)} lists no outputs (written by an older version)"
+    return _manifest_mismatch(manifest, stage, game, seed)
 
 
-def key_file(params: dict[str, Any], stage: str, game: str | None = None, seed: int | None = None) -> str:
-    """The Snakefile's provenance input of a job: DIR/.provenance/STAGE.key-KEY for the current key.
-
-    `done` leaves the key file of the key a job's outputs were built under, dated 1970, beside
-    the record STAGE.json. When the record holds another key, or none (a stage started and not
-    recorded: killed, failed, or run by hand; or outputs never built), the key file of the
-    current key is created here, dated now: newer than the outputs, so Snakemake reruns the job
-    and everything after it (an input newer than the outputs reruns a job Snakemake has no
-    record of; one it has a record of reruns because its input's name changed)."""
-    key = stage_key(params, stage, game, seed)
-    path = Path(job_dir(stage, game, seed)) / PROVENANCE_DIR / f"{stage}.key-{key}"
-    if _recorded_key(provenance_path(stage, game, seed)) != key or not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
-        os.utime(path)  # now, also if it existed
-    return path.as_posix()
-
-
-def _recorded_key(record: Path) -> str | None:
+def _read_record(record: Path) -> dict[str, Any] | None:
     try:
-        return str(json.loads(record.read_text())["key"])
-    except (OSError, ValueError, KeyError, TypeError):
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def all_jobs(params: dict[str, Any]) -> list[Job]:
+    """Every job of the params file, each after the jobs it reads."""
     per_run = ("collect", "train-world-model", "train-agent", "evaluate")
     jobs: list[Job] = [(st, g, s) for g, s in runs(params) for st in per_run]
     jobs += [(st, g, None) for g in released_games(params) for st in ("import-released", "evaluate-released")]
     jobs += [("study", study_job(g, v), s) for g, v, s in study_jobs(params)]
     jobs += [("study-report", g, None) for g in study_games(params)]
     return jobs + [("aggregate", None, None)]
+
+
+def plan(params: dict[str, Any]) -> dict[Job, str]:
+    """Every job that must run, with a one-line reason: its own outputs are not current
+    (`own_reason`), or a job it reads runs."""
+    reasons: dict[Job, str] = {}
+    for job in all_jobs(params):
+        why = own_reason(params, *job)
+        if why is None:
+            before = [up for up in upstream(params, *job) if up in reasons]
+            why = f"{dvc_stage_name(*before[0], params)} runs before it" if before else None
+        if why is not None:
+            reasons[job] = why
+    return reasons
+
+
+def stale_markers(params: dict[str, Any], planned: dict[Job, str], tag: str) -> dict[str, str]:
+    """Write the Snakefile's stale markers and return them, marker path -> reason: one for every
+    job that must run although outputs of it are on disk.
+
+    Snakemake reruns a job whose outputs exist only when an input is newer than them (or one it
+    makes runs first, and it makes a missing intermediate file only for a job that runs). So the
+    marker, an input of the job, is dated after the newest file of the job's outputs, whatever
+    their dates: the plan, made from contents, decides; the date only tells Snakemake."""
+    markers: dict[str, str] = {}
+    for job, why in planned.items():
+        if why == "not built" or not outputs_present(*job):
+            continue
+        marker = Path(stale_marker_path(*job, tag))
+        for old in marker.parent.glob(f"{job[0]}.stale-*"):
+            old.unlink(missing_ok=True)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        reason = f"{dvc_stage_name(*job, params)}: {why}"
+        marker.write_text(reason + "\n")
+        newest = max([time.time()] + [p.lstat().st_mtime for p in _output_tree(*job)])
+        os.utime(marker, (newest + 1, newest + 1))
+        markers[marker.as_posix()] = reason
+    return markers
+
+
+def _output_tree(stage: str, game: str | None, seed: int | None) -> list[Path]:
+    """Every path of the job's outputs and record, folders included (Snakemake dates a folder
+    output by the folder or its contents)."""
+    paths: list[Path] = []
+    for p in [Path(job_dir(stage, game, seed)) / n for n in STAGE_OUTPUTS[stage]] + [provenance_path(stage, game, seed)]:
+        if p.exists():
+            paths += [p] + (list(p.rglob("*")) if p.is_dir() else [])
+    return paths
 
 
 def dvc_stage_name(stage: str, game: str | None, seed: int | None, params: dict[str, Any] | None = None) -> str:
@@ -353,39 +459,23 @@ def dvc_stage_name(stage: str, game: str | None, seed: int | None, params: dict[
 
 
 def record_done(params_file: str, stage: str, game: str | None, seed: int | None, tool: str) -> Path:
-    """Write the job's provenance record; under Snakemake with dvc.yaml's params file, commit the
-    job to dvc.lock as well."""
+    """Write the job's provenance record (its key and the files it wrote); under Snakemake with
+    dvc.yaml's params file, commit the job to dvc.lock as well. No time goes into the record:
+    the same params, code and seed give the same record."""
     params = load_raw(params_file)
     path = provenance_path(stage, game, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"stage": stage, "game": game, "seed": seed, "key": stage_key(params, stage, game, seed),
-              "params_file": params_file, "tool": tool, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    for old in path.parent.glob(f"{stage}.key-*"):
-        old.unlink(missing_ok=True)
+              "params_file": params_file, "tool": tool, "outputs": output_manifest(stage, game, seed)}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
-    key = path.parent / f"{stage}.key-{record['key']}"
-    key.touch()
-    # Older than any output: Snakemake compares timestamps for outputs it has no record of, and
-    # a key file newer than the outputs would rerun the job it vouches for.
-    os.utime(key, (0, 0))
+    for marker in path.parent.glob(f"{stage}.stale-*"):  # served their purpose: this job has rerun
+        marker.unlink(missing_ok=True)
     same_file = Path(params_file).resolve() == (ROOT / DVC_PARAMS_FILE).resolve()
     if tool == "snakemake" and same_file and (ROOT / ".dvc").is_dir():
         dvc_commit(dvc_stage_name(stage, game, seed, params))
-    if tool != "snakemake" and Path(".snakemake", "metadata").is_dir():
-        forget_snakemake_record(stage, game, seed)
     return path
-
-
-def forget_snakemake_record(stage: str, game: str | None, seed: int | None) -> None:
-    """Another tool rebuilt the job: drop Snakemake's own record of its outputs (official CLI),
-    which would otherwise rerun the job for the params of Snakemake's last run; the provenance
-    record now speaks for them."""
-    outputs = [f"{job_dir(stage, game, seed)}/{name}" for name in STAGE_OUTPUTS[stage]]
-    snakemake = Path(sys.executable).with_name("snakemake")
-    subprocess.run([str(snakemake) if snakemake.exists() else "snakemake", "--cleanup-metadata", *outputs,
-                    "--quiet", "all"], capture_output=True, text=True)
 
 
 def dvc_commit(name: str) -> None:
@@ -415,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     dn.add_argument("--seed", type=int)
     dn.add_argument("--variant", help="study jobs: the variant's name")
     dn.add_argument("--tool", required=True, choices=["dvc", "snakemake", "manual"])
-    st = sub.add_parser("stale", help="jobs whose outputs the current params and code did not produce")
+    st = sub.add_parser("stale", help="the jobs that must run, with why (the plan both tools follow)")
     st.add_argument("--params", default=DVC_PARAMS_FILE)
     args = p.parse_args(argv)
     if args.command == "score-files":
@@ -427,9 +517,8 @@ def main(argv: list[str] | None = None) -> None:
         record_done(args.params, args.stage, game, args.seed, args.tool)
     else:
         params = load_raw(args.params)
-        for job in all_jobs(params):
-            if (why := stale_reason(params, *job)) is not None:
-                print(f"{dvc_stage_name(*job, params)}: {why}")
+        for job, why in plan(params).items():
+            print(f"{dvc_stage_name(*job, params)}: {why}")
 
 
 if __name__ == "__main__":

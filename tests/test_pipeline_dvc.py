@@ -116,7 +116,8 @@ def test_repro_runs_every_stage_and_writes_the_table(pipeline: dict) -> None:
     # every file the aggregate stage writes is declared, so none is left unversioned
     declared = {_path(o) for key in ("outs", "plots") for o in DVC_YAML["aggregate"][key]}
     written = {f"reports/{p.name}" for p in (repo / "reports").iterdir() if p.is_file()}
-    assert written == declared
+    written |= {f"reports/.provenance/{p.name}" for p in (repo / "reports" / ".provenance").iterdir()}
+    assert written == declared  # the provenance record included: it travels with the table
 
 
 @pytest.mark.slow

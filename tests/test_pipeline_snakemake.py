@@ -5,6 +5,7 @@ the paper-scale and SLURM-profile dry runs."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import time
 from pathlib import Path
@@ -93,12 +94,11 @@ def test_two_parallel_jobs_run_every_stage_and_lose_no_mlflow_run(pipeline: dict
 def test_nothing_reruns_and_timestamps_alone_trigger_nothing(pipeline: dict) -> None:
     repo, store = pipeline["repo"], pipeline["store"]
     assert "Nothing to be done" in run_tool(repo, store, "snakemake", "-n")
-    # New timestamps, same content (one instant for all: Snakemake 9 still reruns a job whose
-    # input is newer than its output unless it recorded the input's checksum, which it does not
-    # for directories and large files; see the README's note on `snakemake --touch`).
-    now = time.time()
-    for p in (repo / "runs").rglob("*"):
-        os.utime(p, (now, now))
+    # New timestamps in random order, same content: inputs older and newer than their outputs
+    rng = random.Random(0)
+    for p in sorted((repo / "runs").rglob("*")) + sorted((repo / "reports").rglob("*")):
+        t = time.time() + rng.uniform(-3e7, 3e7)
+        os.utime(p, (t, t))
     assert "Nothing to be done" in run_tool(repo, store, "snakemake", "-n")
 
 
