@@ -101,8 +101,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    repo = project_copy(args.work, args.params.resolve())
-    result: dict[str, object] = {"params": args.params.resolve().relative_to(ROOT).as_posix() if args.params.resolve().is_relative_to(ROOT) else str(args.params), "runs": len(pipeline.runs(pipeline.load_raw(args.params)))}
+    params = args.params.resolve()
+    shown = params.relative_to(ROOT).as_posix() if params.is_relative_to(ROOT) else str(params)
+    result: dict[str, object] = {"params": shown, "runs": len(pipeline.runs(pipeline.load_raw(params)))}
+    repo = project_copy(args.work, params)
     result["nothing_built"] = measure(repo)
     print("nothing built:", result["nothing_built"], flush=True)
     result["jobs"] = build_stand_ins(repo)
