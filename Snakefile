@@ -4,6 +4,7 @@
 #   snakemake -j 2                                        # params.yaml, local (profiles/default)
 #   snakemake -n --config params=configs/paper.yaml       # dry run of the paper's 26 x 5 runs
 #   snakemake --profile profiles/slurm --config params=configs/paper.yaml    # on a SLURM cluster
+#   snakemake -j 16 --resources gpu_share=2 ...           # 2 GPU jobs on one GPU (params runs_per_gpu: 2)
 #
 # Rerun rules (profiles/default/config.yaml): `--rerun-triggers code params input
 # software-env`, without `mtime`, because DVC does not keep file timestamps on checkout. So that
