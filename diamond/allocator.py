@@ -65,5 +65,8 @@ docs/results.md, "GPU measurement"; on an 80 GB GPU K up to about 10 fit). The o
     if device.type != "cuda" or runs_per_gpu == 1:
         return None
     fraction = 1.0 / runs_per_gpu
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    # an index, not torch.device("cuda") as stages.common.resolve_device returns it: torch
+    # refuses a CUDA device without one here ("Expected a torch.device with a specified index")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction

@@ -55,6 +55,21 @@ def test_the_gpu_memory_cap_leaves_cpu_runs_and_whole_gpus_alone():
     assert cap_gpu_memory(torch.device("cuda"), 1) is None  # one run per GPU: no cap, no CUDA call
 
 
+def test_the_gpu_memory_cap_is_one_over_k_of_the_current_gpu(monkeypatch):
+    """What the stages ask torch for, checked without a GPU: 1/K of the device resolve_device
+    names (`cuda`, no index: the current device)."""
+    import torch
+
+    from diamond.allocator import cap_gpu_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    assert cap_gpu_memory(torch.device("cuda"), 4) == 0.25
+    assert cap_gpu_memory(torch.device("cuda:1"), 2) == 0.5
+    assert calls == [(0.25, 3), (0.5, 1)]
+
+
 GPU_CHILD = """
 import json, sys, torch
 from diamond.allocator import cap_gpu_memory
