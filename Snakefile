@@ -4,6 +4,7 @@
 #   snakemake -j 2                                        # params.yaml, local (profiles/default)
 #   snakemake -n --config params=configs/paper.yaml       # dry run of the paper's 26 x 5 runs
 #   snakemake --profile profiles/slurm --config params=configs/paper.yaml    # on a SLURM cluster
+#   snakemake -j 16 --resources gpu_share=2 ...           # 2 GPU jobs on one GPU (params runs_per_gpu: 2)
 #
 # What runs is decided from file contents alone, never from file times, so that results restored
 # by `dvc pull`/`dvc checkout` or copied stay current (stages/pipeline.py, "Provenance"): every
@@ -75,14 +76,28 @@ def record(job_dir, stage):
     return f"{job_dir}/{pipeline.PROVENANCE_DIR}/{stage}.json"
 
 
+RUNS_PER_GPU = P["runs_per_gpu"]
+
+
 def res(cpu_threads, gpu_threads, mem_mb, runtime_min, gpu=False):
     """Resources of a rule. Runtimes and memory are for the paper's scale on one GPU (the
-    paper reports ~2.9 days per run on an RTX 4090); the small default needs far less."""
+    paper reports ~2.9 days per run on an RTX 4090); the small default needs far less.
+
+    A GPU job asks for one `gpu_share`, a count that only limits how many run at once
+    (`snakemake --resources gpu_share=K`: K GPU jobs on the machine's GPU; Snakemake docs,
+    "Resources"), and on SLURM for a whole GPU (`gpu=1`: the executor plugin's `--gpus=1`) or,
+    with params `runs_per_gpu` K > 1, for one GPU shard (`gres=shard:1`: `--gres=shard:1`,
+    https://slurm.schedmd.com/gres.html#Sharding), so that K jobs share a GPU. Each then caps
+    its CUDA memory at 1/K (diamond/allocator.py `cap_gpu_memory`)."""
+    on_gpu = gpu and ON_GPU
+    shared = on_gpu and RUNS_PER_GPU > 1
     return {
         "threads": gpu_threads if ON_GPU else cpu_threads,
         "mem_mb": mem_mb,
         "runtime": runtime_min,
-        "gpu": 1 if (gpu and ON_GPU) else 0,
+        "gpu": 1 if on_gpu and not shared else 0,
+        "gpu_share": 1 if on_gpu else 0,
+        **({"gres": "shard:1"} if shared else {}),
     }
 
 
@@ -96,6 +111,11 @@ R = {
     "study": res(1, 8, 32_000, 24 * 60, gpu=True),
     "study_report": res(1, 1, 4_000, 30),
 }
+
+
+def rule_resources(rule):
+    """A rule's `resources:` (R without its threads)."""
+    return {k: v for k, v in R[rule].items() if k != "threads"}
 
 
 rule all:
@@ -115,9 +135,7 @@ rule collect:
         "logs/collect/{game}-{seed}.log",
     threads: R["collect"]["threads"]
     resources:
-        mem_mb=R["collect"]["mem_mb"],
-        runtime=R["collect"]["runtime"],
-        gpu=R["collect"]["gpu"],
+        **rule_resources("collect"),
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m stages.collect " + ARGS + " "
         "--out-dataset {output.dataset} --out-stats {output.stats} > {log} 2>&1"
@@ -138,9 +156,7 @@ rule train_world_model:
         "logs/train_world_model/{game}-{seed}.log",
     threads: R["train_world_model"]["threads"]
     resources:
-        mem_mb=R["train_world_model"]["mem_mb"],
-        runtime=R["train_world_model"]["runtime"],
-        gpu=R["train_world_model"]["gpu"],
+        **rule_resources("train_world_model"),
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m stages.train_world_model " + ARGS + " "
         "--dataset {input.dataset} --out-checkpoint {output.checkpoint} "
@@ -167,9 +183,7 @@ rule train_agent:
         "logs/train_agent/{game}-{seed}.log",
     threads: R["train_agent"]["threads"]
     resources:
-        mem_mb=R["train_agent"]["mem_mb"],
-        runtime=R["train_agent"]["runtime"],
-        gpu=R["train_agent"]["gpu"],
+        **rule_resources("train_agent"),
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m stages.train_agent " + ARGS + " "
         "--dataset {input.dataset} --world-model {input.world_model} "
@@ -193,9 +207,7 @@ rule evaluate:
         "logs/evaluate/{game}-{seed}.log",
     threads: R["evaluate"]["threads"]
     resources:
-        mem_mb=R["evaluate"]["mem_mb"],
-        runtime=R["evaluate"]["runtime"],
-        gpu=R["evaluate"]["gpu"],
+        **rule_resources("evaluate"),
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m stages.evaluate " + ARGS + " "
         "--agent {input.agent} --dataset {input.dataset} --out-score {output.score} "
@@ -220,9 +232,7 @@ rule import_released:
         "logs/import_released/{game}.log",
     threads: R["import_released"]["threads"]
     resources:
-        mem_mb=R["import_released"]["mem_mb"],
-        runtime=R["import_released"]["runtime"],
-        gpu=R["import_released"]["gpu"],
+        **rule_resources("import_released"),
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m stages.import_released --params {PARAMS_FILE} --game {wildcards.game} "
         "--out-world-model {output.world_model} --out-agent {output.agent} --out-source {output.source} > {log} 2>&1"
@@ -244,9 +254,7 @@ rule evaluate_released:
         "logs/evaluate_released/{game}.log",
     threads: R["evaluate"]["threads"]
     resources:
-        mem_mb=R["evaluate"]["mem_mb"],
-        runtime=R["evaluate"]["runtime"],
-        gpu=R["evaluate"]["gpu"],
+        **rule_resources("evaluate"),
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m stages.evaluate --params {PARAMS_FILE} --game {wildcards.game} "
         "--seed {params.seed} --released --agent {input.agent} --out-score {output.score} "
@@ -269,9 +277,7 @@ rule aggregate:
         "logs/aggregate.log",
     threads: R["aggregate"]["threads"]
     resources:
-        mem_mb=R["aggregate"]["mem_mb"],
-        runtime=R["aggregate"]["runtime"],
-        gpu=R["aggregate"]["gpu"],
+        **rule_resources("aggregate"),
     shell:
         "{PY} -m stages.aggregate --params {PARAMS_FILE} --results {input.scores} --out reports "
         "> {log} 2>&1"
@@ -316,9 +322,7 @@ rule study_variant:
         "logs/study/{game}-{variant}-{seed}.log",
     threads: R["study"]["threads"]
     resources:
-        mem_mb=R["study"]["mem_mb"],
-        runtime=R["study"]["runtime"],
-        gpu=R["study"]["gpu"],
+        **rule_resources("study"),
     shell:
         "OMP_NUM_THREADS={threads} {PY} -m stages.study " + ARGS + " --variant {wildcards.variant} "
         "--formulation {params.formulation} --num-steps {params.num_steps} --out-dir {params.out_dir} > {log} 2>&1"
@@ -344,9 +348,7 @@ rule study_report:
         "logs/study_report.log",
     threads: R["study_report"]["threads"]
     resources:
-        mem_mb=R["study_report"]["mem_mb"],
-        runtime=R["study_report"]["runtime"],
-        gpu=R["study_report"]["gpu"],
+        **rule_resources("study_report"),
     shell:
         "{PY} -m stages.study_report --params {PARAMS_FILE} --game {params.game} --jobs-dir study/{params.game} "
         "--out " + pipeline.STUDY_REPORTS_DIR + " > {log} 2>&1"

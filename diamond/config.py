@@ -277,6 +277,9 @@ class Params:
     games: list[str]
     seeds: list[int]
     device: str  # "cpu", "cuda", or "auto"
+    # K runs share one GPU, each capped at 1/K of its memory (scheduling only: in no stage's
+    # rerun keys, stages/stage_params.py; Snakefile `res`, README "Several runs per GPU")
+    runs_per_gpu: int
     channels_last: bool  # NHWC memory layout for the convolutional networks (speed only)
     compile_denoiser: bool  # torch.compile the denoiser's U-Net (speed only)
     reuse_freed_memory: bool  # keep freed CPU memory in the process (glibc malloc; speed only)
@@ -465,6 +468,7 @@ RANGE_RULES: list[tuple[str, tuple[Any, str]]] = [
     ("evaluate.epsilon", _UNIT_INTERVAL), ("evaluate.fidelity_horizons", _POSITIVE_INTS),
     ("aggregate.bootstrap_reps", (lambda v: v >= 2, "is too few; use at least 2 (2000 in the paper's protocol)")),
     ("aggregate.confidence", (lambda v: 0 < v < 1, "must lie strictly between 0 and 1 (e.g. 0.95)")),
+    ("runs_per_gpu", _POSITIVE_INT),
     # seeds of numpy/torch generators are non-negative
     ("seeds", (lambda v: all(x >= 0 for x in v), "must be integers >= 0")),
     *[(k, _NON_NEGATIVE) for k in ("aggregate.bootstrap_seed", "released.seed", "study.bootstrap_seed")],

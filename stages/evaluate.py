@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from diamond.agent_checkpoint import read_agent_checkpoint
-from diamond.allocator import reuse_freed_memory
+from diamond.allocator import cap_gpu_memory, reuse_freed_memory
 from diamond.data import Episode, EpisodeStore, SegmentSampler
 from diamond.env import num_actions
 from diamond.evaluation import agent_test_returns, imagined_frames
@@ -73,6 +73,7 @@ def main() -> None:
     forget_provenance(args.out_score.parent, "evaluate-released" if args.released else "evaluate")
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
+    gpu_share = cap_gpu_memory(device, p.runs_per_gpu)  # runs_per_gpu is no rerun key: results do not change
     game, seed, ev = args.game, args.seed, p.evaluate
     method = p.released.method_name if args.released else p.aggregate.method_name
     agent = read_agent_checkpoint(args.agent, game)
@@ -82,6 +83,7 @@ def main() -> None:
     with stage_run("evaluate", sections=sections, game=game, seed=seed, inputs=[a for a in (args.agent, args.dataset) if a],
                    job_dir=args.out_score.parent):
         tracking.set_tag("reuse_freed_memory_in_force", allocator_reuse)
+        tracking.set_tag("gpu_memory_fraction", gpu_share)
         if "imported_from" in agent:
             tracking.set_tags({f"imported_from.{k}": v for k, v in agent["imported_from"].items()})
         torch.manual_seed(derived_seed(seed, EVALUATE_IMAGINATION))

@@ -1,7 +1,7 @@
 """Which params keys each stage reads: declared once, here.
 
 Read by the stages themselves (`stages.common.stage_sections`: what each MLflow run logs and
-hashes), by stages/pipeline.py (the Snakefile's rerun-on-params digests and the provenance keys)
+hashes), by stages/pipeline.py (the provenance keys that decide what reruns in both tools)
 and checked against dvc.yaml's `params:` lists by tests/test_pipeline_dvc.py. Standard library
 only: the Snakefile loads it on every invocation.
 """
@@ -9,7 +9,10 @@ only: the Snakefile loads it on every invocation.
 from __future__ import annotations
 
 # The params keys each stage reads (dotted keys for parts of a section). Changing any other
-# key leaves the stage's outputs valid, so neither pipeline reruns it.
+# key leaves the stage's outputs valid, so neither pipeline reruns it. Not listed although the GPU
+# stages read it: `runs_per_gpu`, a scheduling setting (how many runs share a GPU, each capped at
+# 1/K of its memory: diamond/allocator.py cap_gpu_memory) that moves no result, so a tree built
+# packed is current unpacked and the other way round.
 STAGE_PARAMS: dict[str, list[str]] = {
     "collect": ["env", "collect"],
     # fidelity of the trained world model is measured here, on held-out real episodes

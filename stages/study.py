@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from diamond.allocator import reuse_freed_memory
+from diamond.allocator import cap_gpu_memory, reuse_freed_memory
 from diamond.config import Params, StudyVariant, to_dict
 from diamond.data import EpisodeStore
 from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
@@ -54,6 +54,7 @@ def run(args: Any, p: Params) -> None:
     forget_provenance(args.out_dir, "study")
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
+    gpu_share = cap_gpu_memory(device, p.runs_per_gpu)  # runs_per_gpu is no rerun key: results do not change
     dataset = Path(s.dataset)
     store = open_dataset(dataset, game)
     context = cfg.denoiser.num_conditioning_frames
@@ -73,7 +74,7 @@ def run(args: Any, p: Params) -> None:
         # runs of one variant group together in the UI (Group by > tags > study_variant)
         tracking.set_tags({"study_variant": variant.name, "study_formulation": variant.formulation,
                          "study_num_steps": str(variant.num_steps), "mlflow.runName": f"study/{game}-{variant.name}-{seed}",
-                         "reuse_freed_memory_in_force": str(allocator_reuse)})
+                         "reuse_freed_memory_in_force": str(allocator_reuse), "gpu_memory_fraction": str(gpu_share)})
         start = time.perf_counter()
         denoiser = train_denoiser(cfg, EpisodeSubset(store, train_idx), store.num_actions, s.denoiser_steps, seed,
                                   device, prepare, on_step)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from diamond.agent_checkpoint import agent_checkpoint, read_agent_checkpoint
-from diamond.allocator import reuse_freed_memory
+from diamond.allocator import cap_gpu_memory, reuse_freed_memory
 from diamond.config import Params, to_dict
 from diamond.data import EpisodeStore
 from diamond.env import num_actions
@@ -131,6 +131,7 @@ def main() -> None:
     forget_provenance(args.out_checkpoint.parent, "train-agent")
     device = resolve_device(p)
     allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
+    gpu_share = cap_gpu_memory(device, p.runs_per_gpu)  # runs_per_gpu is no rerun key: results do not change
     for path in (args.dataset, args.world_model, args.init_agent):
         if path is not None and not path.exists():
             raise ArtifactError(f"{path}: input not found")
@@ -139,6 +140,7 @@ def main() -> None:
                    inputs=[args.dataset, args.world_model] + ([args.init_agent] if args.init_agent else []),
                    job_dir=args.out_checkpoint.parent):
         tracking.set_tag("reuse_freed_memory_in_force", allocator_reuse)
+        tracking.set_tag("gpu_memory_fraction", gpu_share)
         run, how = start_or_resume(p, args, key, device)
         print(f"train-agent {args.game}-{args.seed}: {how}", flush=True)
         tracking.set_tag("resume", how)

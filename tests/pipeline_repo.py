@@ -6,6 +6,9 @@ as params.yaml, and one commit, so git_commit tags and `dvc exp` work as in a re
 
 from __future__ import annotations
 
+import csv
+import filecmp
+import json
 import os
 import re
 import shutil
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import torch
 import yaml
 
 from conftest import ROOT, tiny_params_dict, write_params
@@ -112,3 +116,46 @@ def set_param(repo: Path, key: str, value) -> None:
 def mlflow_runs(store: Path) -> pd.DataFrame:
     mlflow.set_tracking_uri(f"sqlite:///{store}")
     return mlflow.search_runs(experiment_names=[EXPERIMENT])
+
+
+# Artifacts of two runs of the same params compared (tests/test_slurm.py, test_pipeline_snakemake.py)
+
+
+def same_tensors(a: Path, b: Path) -> None:
+    def flat(x, prefix=""):
+        if isinstance(x, torch.Tensor):
+            yield prefix, x
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                yield from flat(v, f"{prefix}.{k}")
+    ta, tb = dict(flat(torch.load(a, weights_only=False))), dict(flat(torch.load(b, weights_only=False)))
+    assert ta.keys() == tb.keys() and ta, a
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{a}: {k} differs"
+
+
+def same_tree(a: Path, b: Path) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and files, a
+    _, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files], shallow=False)
+    assert not mismatch and not errors, f"{a}: {mismatch or errors} differ"
+
+
+def curve_without_timing(path: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "epoch_seconds" and not k.startswith("seconds/")}
+            for row in csv.DictReader(path.open())]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Runs a and b (runs/G-S of two repos) made the same artifacts: datasets byte for byte, the
+    weights' tensors, scores, fidelity, collection stats, metrics and curves but for timings."""
+    for d in ("dataset_initial", "dataset"):
+        same_tree(a / d, b / d)
+    for f in ("world_model.pt", "agent.pt"):
+        same_tensors(a / f, b / f)
+    for f in ("score.json", "evaluate_fidelity.json", "collect.json"):
+        assert json.loads((a / f).read_text()) == json.loads((b / f).read_text()), a / f
+    m_a, m_b = (json.loads((r / "agent.json").read_text()) for r in (a, b))
+    m_a.pop("wall_seconds_this_process"), m_b.pop("wall_seconds_this_process")
+    assert m_a == m_b, a / "agent.json"
+    assert curve_without_timing(a / "agent_curve.csv") == curve_without_timing(b / "agent_curve.csv")

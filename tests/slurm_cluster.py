@@ -13,6 +13,11 @@ accounting storage is disabled"); job states come from slurmctld, which `squeue 
 reports for MinJobAge seconds after a job ends: the executor plugin's status command is
 `squeue` (`--slurm-status-command squeue`; https://slurm.schedmd.com/slurm.conf.html#OPT_MinJobAge).
 No cgroups either (containers rarely delegate them): processes are tracked through /proc.
+
+`Cluster(shards=K)` gives the node K of SLURM's GPU shards (`GresTypes=shard`, gres.conf
+`Name=shard Count=K`), the count-only GRES that lets K jobs share one GPU
+(https://slurm.schedmd.com/gres.html#Sharding); the test node has no GPU, and shards alone
+are only a count, which is what the packing test needs.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class Cluster:
     root: Path
     partition: str = "debug"
     cpus: int = 2
+    shards: int = 0  # GPU shards on the node (count-only GRES), none by default
     node: str = field(default_factory=socket.gethostname)
     procs: list[subprocess.Popen] = field(default_factory=list)
     lock: object = None
@@ -89,6 +95,12 @@ class Cluster:
             os.chmod(r / d, 0o700)
         # RealMemory below the machine's: slurmd refuses to register a node with less than configured
         memory = machine_memory_mb() * 9 // 10
+        gres = f" Gres=gpu:1,shard:{self.shards}" if self.shards else ""
+        if self.shards:
+            # gres/shard needs a gres/gpu to divide ("requires that gres/gpu also be configured"):
+            # a stand-in device file, which slurmd only checks exists (read from slurm.conf's directory)
+            (r / "nvidia0").touch()
+            (r / "gres.conf").write_text(f"Name=gpu File={r / 'nvidia0'}\nName=shard Count={self.shards}\n")
         self.conf.write_text(f"""\
 ClusterName=diamondtest
 SlurmctldHost={self.node}(127.0.0.1)
@@ -123,7 +135,10 @@ KillWait=30
 MinJobAge=600
 InactiveLimit=0
 SlurmdTimeout=60
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory} State=UNKNOWN
+# the node is what this file says, even with more CPUs than the machine has (no DRAIN)
+SlurmdParameters=config_overrides
+{"GresTypes=gpu,shard" if self.shards else ""}
+NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory}{gres} State=UNKNOWN
 PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """)
 

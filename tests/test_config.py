@@ -22,6 +22,7 @@ from diamond.config import ConfigError, params_from_dict, to_dict
         # every range is checked when params load, not when the stage that reads it starts
         (lambda d: d["agent"].update(epsilon=1.5), "agent.epsilon: 1.5 must be in [0, 1]"),
         (lambda d: d["world_model"].update(batch_size=0), "world_model.batch_size: 0 must be >= 1"),
+        (lambda d: d.update(runs_per_gpu=0), "runs_per_gpu: 0 must be >= 1"),
         (lambda d: d["aggregate"].update(reference_methods=["Dreamer"]), "aggregate.reference_methods: unknown method 'Dreamer'"),
         (lambda d: d["world_model"]["reward_end"].update(segment_length=19),
          "world_model.reward_end.segment_length: derived (actor_critic.horizon + world_model.denoiser.num_conditioning_frames)"),

@@ -33,6 +33,12 @@ def test_declared_params_are_what_the_stage_reads(stage: str) -> None:
     assert stage_def(stage)["params"] == STAGE_PARAMS[stage]
 
 
+def test_the_scheduling_key_reruns_no_stage() -> None:
+    """runs_per_gpu decides how many runs share a GPU, not what they compute (README, "Several
+    runs per GPU"): in no stage's params, so no pipeline reruns a stage when it changes."""
+    assert not [s for s, keys in STAGE_PARAMS.items() if any(k.split(".")[0] == "runs_per_gpu" for k in keys)]
+
+
 @pytest.mark.parametrize("stage", sorted(STAGE_PARAMS))
 def test_declared_code_deps_are_the_stage_imports(stage: str) -> None:
     """Every project file the stage imports (transitively) is a dependency, and nothing else:

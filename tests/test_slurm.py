@@ -5,9 +5,6 @@ every final artifact equals that of an uninterrupted local run of the same param
 
 from __future__ import annotations
 
-import csv
-import filecmp
-import json
 import os
 import re
 import signal
@@ -17,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from pipeline_repo import make_repo, mlflow_runs, pipeline_params, run_tool, tool_env
+from pipeline_repo import assert_same_run, make_repo, mlflow_runs, pipeline_params, run_tool, tool_env
 from slurm_cluster import Cluster, why_unavailable
 
 pytestmark = pytest.mark.slow
@@ -67,31 +63,6 @@ def slurm_command() -> list[str]:
             f"train_agent:runtime={FIRST_ATTEMPT_MINUTES} if attempt == 1 else {RETRY_MINUTES}"]
 
 
-def same_tensors(a: Path, b: Path) -> None:
-    def flat(x, prefix=""):
-        if isinstance(x, torch.Tensor):
-            yield prefix, x
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                yield from flat(v, f"{prefix}.{k}")
-    ta, tb = dict(flat(torch.load(a, weights_only=False))), dict(flat(torch.load(b, weights_only=False)))
-    assert ta.keys() == tb.keys() and ta, a
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), f"{a}: {k} differs"
-
-
-def same_tree(a: Path, b: Path) -> None:
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and files, a
-    _, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files], shallow=False)
-    assert not mismatch and not errors, f"{a}: {mismatch or errors} differ"
-
-
-def curve_without_timing(path: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "epoch_seconds" and not k.startswith("seconds/")}
-            for row in csv.DictReader(path.open())]
-
-
 def test_time_limit_kill_is_retried_and_resumes_to_the_uninterrupted_result(cluster: Cluster, tmp_path: Path) -> None:
     params = slow_agent_params()
     repo, ref = make_repo(tmp_path / "slurm", params), make_repo(tmp_path / "local", params)
@@ -126,14 +97,5 @@ def test_time_limit_kill_is_retried_and_resumes_to_the_uninterrupted_result(clus
     assert (runs[runs["tags.mlflow.runName"] != "train-agent/Breakout-0"]["status"] == "FINISHED").all()
 
     # the final artifacts equal the uninterrupted run's
-    for d in ("dataset_initial", "dataset"):
-        same_tree(repo / RUN / d, ref / RUN / d)
-    for f in ("world_model.pt", "agent.pt"):
-        same_tensors(repo / RUN / f, ref / RUN / f)
-    for f in ("score.json", "evaluate_fidelity.json", "collect.json"):
-        assert json.loads((repo / RUN / f).read_text()) == json.loads((ref / RUN / f).read_text()), f
-    m, m_ref = (json.loads((r / RUN / "agent.json").read_text()) for r in (repo, ref))
-    m.pop("wall_seconds_this_process"), m_ref.pop("wall_seconds_this_process")
-    assert m == m_ref
-    assert curve_without_timing(repo / RUN / "agent_curve.csv") == curve_without_timing(ref / RUN / "agent_curve.csv")
+    assert_same_run(repo / RUN, ref / RUN)
     assert (repo / "reports/atari100k_table.md").read_text() == (ref / "reports/atari100k_table.md").read_text()
