@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU measurement of issue 28 as one call of at most 8 minutes: every part under its own
-# timeout (470 s in all), most telling first; each part writes its JSON as it goes, so a part
-# stopped by its timeout keeps the figures it took and the report gives null for the others.
-#   1. (200 s) The actor-critic training step at the paper config, side by side in one process
+# timeout (450 s in all, plus 30 s for the report), most telling first; each part writes its
+# JSON as it goes, so a part stopped by its timeout keeps the figures it took and the report
+# gives null for the others. Within part 1 the official step and ours eager come before ours
+# compiled, whose compilation (the U-Net inside the imagined step) is the least certain time.
+#   1. (230 s) The actor-critic training step at the paper config, side by side in one process
 #      (benchmarks/official_side_by_side.py --parts actor_critic_train_step --ours-compile both):
 #      the official step (its compile_wm: torch.compile(mode="reduce-overhead") of its world-model
 #      env), ours eager and ours with compile_imagination. Ours with compile_denoiser off, so that
 #      "eager" is eager and the U-Net is compiled once, inside the imagined step.
-#   2. (75 s) D's and R's training steps (benchmarks/bench.py --skip-actor-critic, TF32 and
+#   2. (60 s) D's and R's training steps (benchmarks/bench.py --skip-actor-critic, TF32 and
 #      channels-last as paper.yaml; D without compile_denoiser, whose compilation alone took over a
 #      minute on an H200).
-#   3. (175 s) K = 1, 2, 4, 8 concurrent train-agent-like processes on the GPU
-#      (benchmarks/packed_throughput.py, eager, 12 s windows): actor-critic steps, imagined steps
+#   3. (160 s) K = 1, 2, 4, 8 concurrent train-agent-like processes on the GPU
+#      (benchmarks/packed_throughput.py, eager, 10 s windows): actor-critic steps, imagined steps
 #      and imagined frames per second summed over the K, and each process's peak memory.
 # Then benchmarks/gpu_report.py writes OUT/reports/bench/<gpu>_<date>.json (the log beside it):
 #   paper_run_hours  = (D steps x D step s + R steps x R step s + actor-critic steps x the faster of
@@ -61,7 +63,7 @@ else
   DEVICE=cuda GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) PARAMS=configs/paper.yaml
   SET=(--set compile_denoiser=false)
   SIDE_ARGS=(--repeats 2) BENCH_ARGS=(--reps 3 --tf32 --channels-last)
-  PACK_ARGS=(--ks 1 2 4 8 --seconds 12 --worker-timeout 80) T1=200 T2=75 T3=175
+  PACK_ARGS=(--ks 1 2 4 8 --seconds 10 --worker-timeout 70) T1=230 T2=60 T3=160
 fi
 SLUG=$("$PY" -c "import sys; from benchmarks.gpu_report import gpu_slug; print(gpu_slug(sys.argv[1]))" "${GPU:-unknown}")
 LOG="$OUT/reports/bench/${SLUG}_${DATE}.log"
