@@ -20,6 +20,8 @@ Measures, in one process so that the figures are comparable:
   (collection), evaluation, checkpointing and drawing the D and R batches from the dataset are
   excluded (`paper_run_hours_excludes`; `segment_batch_draw_s` gives the last one per batch);
 - peak memory (CUDA: max allocated; CPU: the process's max resident set).
+--skip-actor-critic leaves out the actor-critic step and the projection (benchmarks/gpu_check.sh
+times that step beside the official one and projects from there).
 With --bf16 the step and sampler also run under bf16 autocast and the speedup over fp32 is
 reported (the R step and the actor-critic step's sampling, and so the projection, then run
 under bf16 only; the actor-critic and R stay fp32 in imagination, see AutocastSampler);
@@ -61,7 +63,7 @@ from diamond.models.actor_critic import ActorCritic
 from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
 from diamond.sampler import DiffusionSampler
-from diamond.training import Trainer, compile_networks, set_memory_format
+from diamond.training import Trainer, compile_networks, set_memory_format, set_tf32
 
 ROOT = Path(__file__).resolve().parents[1]
 # Atari's full action set; the action embedding's size barely affects the cost.
@@ -398,21 +400,23 @@ def bench_agent_steps(
         segments = SegmentSampler(synthetic_store(Path(tmp) / "store", args.obs_size), np.random.default_rng(0))
         r_s, reward_end = time_reward_end_step(cfg, segments, args, device, bf16)
         rarely_terminating(reward_end)
-        ac_step = make_actor_critic_step(bcfg, den, reward_end, segments, args, device, bf16)
-        ac_s = best_time(ac_step, device, args.reps, args.inner)
-        extra = {}
-        if args.compile_imagination:  # the same step with compile_imagination, beside the eager one
+        extra: dict[str, float] = {}
+        if not args.skip_actor_critic:
+            ac_step = make_actor_critic_step(bcfg, den, reward_end, segments, args, device, bf16)
+            extra["actor_critic_train_step_s"] = best_time(ac_step, device, args.reps, args.inner)
+        if args.compile_imagination and not args.skip_actor_critic:  # the same step with compile_imagination, beside the eager one
             compiled_args = argparse.Namespace(**{**vars(args), "compile_imagination": True})
             ac_step = make_actor_critic_step(bcfg, den, reward_end, segments, compiled_args, device, bf16)
-            extra["actor_critic_train_step_s_eager"] = ac_s
+            extra["actor_critic_train_step_s_eager"] = extra["actor_critic_train_step_s"]
             extra["actor_critic_train_step_s_compiled_imagination"] = ac_s = best_time(ac_step, device, args.reps, args.inner)
+            extra["actor_critic_train_step_s"] = ac_s
             extra["compile_imagination_speedup"] = extra["actor_critic_train_step_s_eager"] / ac_s
 
         def draw() -> None:
             segments.sample(args.batch_size, cfg.reward_end.segment_length).to_torch(device)
 
         draw_s = best_time(draw, device, args.reps, args.inner)
-    return {"reward_end_train_step_s": r_s, "actor_critic_train_step_s": ac_s, "segment_batch_draw_s": draw_s, **extra}
+    return {"reward_end_train_step_s": r_s, "segment_batch_draw_s": draw_s, **extra}
 
 
 @dataclass(frozen=True)
@@ -496,8 +500,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in the peak and the step
-    torch.backends.cudnn.allow_tf32 = False
+    set_tf32(args.tf32)  # off by default: fp32 means fp32 in the peak and the step
     bcfg = load_params(args.config)
     cfg = bcfg.world_model
     L, size, b = cfg.denoiser.num_conditioning_frames, args.obs_size, args.batch_size
@@ -512,6 +515,7 @@ def run(args: argparse.Namespace) -> dict:
         "sampler_num_steps": cfg.sampler.num_steps,
         "sampler_order": cfg.sampler.order,
         "channels_last": args.channels_last,
+        "tf32": args.tf32,
         "compile": args.compile,
         "compile_imagination": args.compile_imagination,
         "bf16": args.bf16,
@@ -575,9 +579,10 @@ def run(args: argparse.Namespace) -> dict:
         result["reuse_freed_memory_reward_end_step_speedup"] = (
             result["reward_end_train_step_s_fp32_allocator_as_found"] / result["reward_end_train_step_s"]
         )
-    step_s = {"denoiser": main["train_step_s"], "reward_end": result["reward_end_train_step_s"],
-              "actor_critic": result["actor_critic_train_step_s"]}
-    result.update(project_run(run_schedule(bcfg), step_s))
+    if not args.skip_actor_critic:
+        step_s = {"denoiser": main["train_step_s"], "reward_end": result["reward_end_train_step_s"],
+                  "actor_critic": result["actor_critic_train_step_s"]}
+        result.update(project_run(run_schedule(bcfg), step_s))
     result["peak_memory_mb"] = peak_memory_mb(device)
     if args.compare_bf16_steps:
         cmp_cfg = load_world_model_config(args.compare_config)
@@ -599,10 +604,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, default=0, help="matmul side for the peak (default 2048 CPU, 8192 GPU)")
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast and report its speedup")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions on CUDA, as params tf32 (paper.yaml)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     p.add_argument("--compile-imagination", action="store_true",
                    help="also time the actor-critic step with params compile_imagination (compiled imagined step); "
                         "the projection then uses it")
+    p.add_argument("--skip-actor-critic", action="store_true",
+                   help="D and R steps only, no actor-critic step and so no projection (gpu_check.sh times it "
+                        "beside the official one)")
     p.add_argument("--reuse-freed-memory", action="store_true",
                    help="time the fp32 step with the allocator as found, then keep freed memory in the process "
                         "(params reuse_freed_memory) for the rest")

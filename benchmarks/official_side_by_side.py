@@ -1,6 +1,11 @@
 """Side by side with the official DIAMOND code, same process, same machine (issue 20, point 4).
 
     python -m benchmarks.official_side_by_side --official PATH [--device cpu|cuda] [--repeats N]
+        [--parts actor_critic_train_step ...] [--ours-compile both] [--set key=value ...]
+
+--parts picks the figures (all three by default); --ours-compile both times our actor-critic step
+eager and with compile_imagination in the same process (issue 28: benchmarks/gpu_check.sh);
+without --official only ours are timed (the CPU dry run of gpu_check.sh).
 
 PATH is a checkout of the authors' code (github.com/eloialonso/diamond, branch main), fetched by
 the user; nothing of it is stored here. Its `src/` goes on sys.path and its own modules are timed,
@@ -265,30 +270,72 @@ def build_official(o: dict, tree: dict, device: torch.device, num_actions: int) 
 # ---------------------------------------------------------------- the benchmark
 
 
+PARTS = ("denoiser_train_step", "sample", "actor_critic_train_step")
+
+
+def ours_actor_critic_steps(p, den: Denoiser, device: torch.device, b: int, ours_compile: str):
+    """Our actor-critic training step, as train-agent takes it, eager and/or with
+    compile_imagination (`ours_compile`: "params" as the params say, "eager", "compiled", "both")."""
+    import tempfile
+
+    modes = {"params": [p.compile_imagination], "eager": [False], "compiled": [True], "both": [False, True]}[ours_compile]
+    with tempfile.TemporaryDirectory() as tmp:
+        segments = SegmentSampler(synthetic_store(Path(tmp) / "store", p.env.obs_size), np.random.default_rng(0))
+        torch.manual_seed(0)
+        reward_end = RewardEndModel(p.world_model.reward_end, BENCH_NUM_ACTIONS, p.env.obs_size, output_bias=True).to(device)
+        set_memory_format(p.channels_last, reward_end)
+        rarely_terminating(reward_end)
+        for compiled in modes:
+            bench_args = argparse.Namespace(obs_size=p.env.obs_size, batch_size=b, channels_last=p.channels_last,
+                                            compile_imagination=compiled)
+            yield compiled, make_actor_critic_step(p, den, reward_end, segments, bench_args, device, bf16=False)
+
+
+def use_compile_backend(backend: str) -> None:
+    """Every torch.compile of this process (ours and the official code's) with `backend` instead of
+    inductor, its `mode` dropped (modes are inductor's). For a dry run: "aot_eager" runs dynamo's
+    capture (fullgraph included) and AOTAutograd without inductor's minute of code generation."""
+    if backend == "inductor":
+        return
+    compile_fn = torch.compile
+
+    def compile_with(model=None, **kwargs):
+        kwargs.pop("mode", None)
+        return compile_fn(model, backend=backend, **kwargs)
+
+    torch.compile = compile_with  # type: ignore[assignment]
+
+
 def run(args: argparse.Namespace) -> dict:
-    p = load_params(args.params)
+    from benchmarks.packed_throughput import load_params_with
+
+    use_compile_backend(args.compile_backend)
+    p = load_params_with(args.params, args.set)
     device = torch.device(args.device)
     allocator = reuse_freed_memory(p.reuse_freed_memory)
     if args.threads:
         torch.set_num_threads(args.threads)
     set_tf32(p.tf32)
-    o, stubbed = import_official(args.official)
-    tree = official_config(args.official)
-    compile_wm = bool(tree["training"]["compile_wm"]) and not args.official_eager
+    o, stubbed = import_official(args.official) if args.official else ({}, [])
+    tree = official_config(args.official) if args.official else {}
+    compile_wm = bool(tree and tree["training"]["compile_wm"]) and not args.official_eager
     b, size = args.batch_size, p.env.obs_size
     L = p.world_model.denoiser.num_conditioning_frames
     k = p.world_model.denoiser.num_autoregressive_steps
-    o_k = int(tree["denoiser"]["training"]["num_autoregressive_steps"])
-    o_L = int(tree["agent"]["denoiser"]["inner_model"]["num_steps_conditioning"])
-    o_horizon = int(tree["world_model_env"]["horizon"])
-    if (L, k, p.actor_critic.horizon) != (o_L, o_k, o_horizon):
-        print(f"note: ours L={L}, autoregressive={k}, horizon={p.actor_critic.horizon}; "
-              f"official {o_L}, {o_k}, {o_horizon}")
+    if tree:
+        o_k = int(tree["denoiser"]["training"]["num_autoregressive_steps"])
+        o_L = int(tree["agent"]["denoiser"]["inner_model"]["num_steps_conditioning"])
+        o_horizon = int(tree["world_model_env"]["horizon"])
+        if (L, k, p.actor_critic.horizon) != (o_L, o_k, o_horizon):
+            print(f"note: ours L={L}, autoregressive={k}, horizon={p.actor_critic.horizon}; "
+                  f"official {o_L}, {o_k}, {o_horizon}")
     frames = torch.randint(0, 256, (1024, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     result: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "params": str(args.params),
-        "official": str(args.official), "batch_size": b, "obs_size": size, "repeats": args.repeats,
+        "overrides": args.set, "official": str(args.official) if args.official else None, "parts": args.parts,
+        "compile_backend": args.compile_backend,
+        "batch_size": b, "obs_size": size, "repeats": args.repeats,
         "reuse_freed_memory": allocator, "tf32": p.tf32, "official_compile_wm": compile_wm,
         "ours_channels_last": p.channels_last, "ours_compile_denoiser": p.compile_denoiser,
         "ours_compile_imagination": p.compile_imagination, "stubbed_modules": stubbed,
@@ -298,19 +345,26 @@ def run(args: argparse.Namespace) -> dict:
     def time(fn, key: str) -> float:
         result[key] = best_time(fn, device, args.repeats)
         print(f"{key}: {result[key]:.4g}", flush=True)  # as it goes: a paper-config CPU run takes long
+        if args.json:  # also as it goes: a timeout keeps the figures already taken
+            from diamond.io import atomic_write_json
+
+            atomic_write_json(args.json, result)
         return result[key]
 
     # (a) the denoiser's training step, on the same frames and actions
     obs, act = random_segment(frames, b, L + 1 + k, BENCH_NUM_ACTIONS, seed=1)
     obs, act = obs.to(device), act.to(device)
-    agent = build_official(o, tree, device, BENCH_NUM_ACTIONS)
-    agent.denoiser.setup_training(o["SigmaDistributionConfig"](**resolve(tree, tree["denoiser"]["sigma_distribution"])))
     z = torch.zeros(b, L + 1 + k, device=device)
-    batch = o["Batch"](obs, act, z, z.long(), z.long(), torch.ones_like(z, dtype=torch.bool), [{}] * b, [None] * b)
-    agent.train()
-    o_step = official_optimiser_step(o, agent.denoiser, resolve(tree, tree["denoiser"]["optimizer"]),
-                                     resolve(tree, tree["denoiser"]["training"]), lambda: agent.denoiser(batch))
-    time(o_step, "official_denoiser_train_step_s")
+    if tree:
+        agent = build_official(o, tree, device, BENCH_NUM_ACTIONS)
+        agent.denoiser.setup_training(o["SigmaDistributionConfig"](**resolve(tree, tree["denoiser"]["sigma_distribution"])))
+        batch = o["Batch"](obs, act, z, z.long(), z.long(), torch.ones_like(z, dtype=torch.bool), [{}] * b, [None] * b)
+        agent.train()
+        if "denoiser_train_step" in args.parts:
+            o_step = official_optimiser_step(o, agent.denoiser, resolve(tree, tree["denoiser"]["optimizer"]),
+                                             resolve(tree, tree["denoiser"]["training"]), lambda: agent.denoiser(batch))
+            time(o_step, "official_denoiser_train_step_s")
+            del o_step
     torch.manual_seed(0)
     den = Denoiser(p.world_model.denoiser, BENCH_NUM_ACTIONS).to(device)
     set_memory_format(p.channels_last, den)
@@ -318,62 +372,72 @@ def run(args: argparse.Namespace) -> dict:
     seg = BenchSegment(obs=obs, act=act[:, : L + k], rew=z[:, : L + k], terminated=z[:, : L + k].bool(),
                        truncated=z[:, : L + k].bool(), mask=torch.ones_like(z, dtype=torch.bool))
     den.train()
-    time(make_train_step(den, p.world_model, seg, device, bf16=False), "ours_denoiser_train_step_s")
+    if "denoiser_train_step" in args.parts:
+        time(make_train_step(den, p.world_model, seg, device, bf16=False), "ours_denoiser_train_step_s")
 
     # (b) next-frame sampling from the same 4 frames and actions
     prev_obs, prev_act = (x[:, :L].contiguous() for x in (obs, act))
-    loader = RandomStarts(o["Batch"], frames, b, o_L, BENCH_NUM_ACTIONS, seed=2)
-    smp = resolve(tree, tree["world_model_env"])
-    wm_env = o["WorldModelEnv"](agent.denoiser, agent.rew_end_model, loader, o["WorldModelEnvConfig"](
-        horizon=smp["horizon"], num_batches_to_preload=1,
-        diffusion_sampler=o["DiffusionSamplerConfig"](**smp["diffusion_sampler"])))
-    if compile_wm:  # official src/trainer.py, training.compile_wm
-        wm_env.predict_next_obs = torch.compile(wm_env.predict_next_obs, mode="reduce-overhead")
-        wm_env.predict_rew_end = torch.compile(wm_env.predict_rew_end, mode="reduce-overhead")
+    if tree:
+        loader = RandomStarts(o["Batch"], frames, b, o_L, BENCH_NUM_ACTIONS, seed=2)
+        smp = resolve(tree, tree["world_model_env"])
+        wm_env = o["WorldModelEnv"](agent.denoiser, agent.rew_end_model, loader, o["WorldModelEnvConfig"](
+            horizon=smp["horizon"], num_batches_to_preload=1,
+            diffusion_sampler=o["DiffusionSamplerConfig"](**smp["diffusion_sampler"])))
+        if compile_wm:  # official src/trainer.py, training.compile_wm
+            wm_env.predict_next_obs = torch.compile(wm_env.predict_next_obs, mode="reduce-overhead")
+            wm_env.predict_rew_end = torch.compile(wm_env.predict_rew_end, mode="reduce-overhead")
 
-    def o_sample() -> None:
-        wm_env.obs_buffer, wm_env.act_buffer = prev_obs, prev_act
-        wm_env.predict_next_obs()
+        def o_sample() -> None:
+            wm_env.obs_buffer, wm_env.act_buffer = prev_obs, prev_act
+            wm_env.predict_next_obs()
 
-    time(o_sample, "official_sample_s")
+        if "sample" in args.parts:
+            time(o_sample, "official_sample_s")
     den.eval()
-    sampler = make_sampler(den, p.world_model)
-    time(lambda: sampler.sample(prev_obs, prev_act), "ours_sample_s")
+    if "sample" in args.parts:
+        sampler = make_sampler(den, p.world_model)
+        time(lambda: sampler.sample(prev_obs, prev_act), "ours_sample_s")
 
     # (c) the actor-critic's training step in imagination
-    bias_official_termination(agent)
-    ac_train = resolve(tree, tree["actor_critic"])
-    agent.actor_critic.setup_training(wm_env, o["ActorCriticLossConfig"](**ac_train["actor_critic_loss"]))
-    o_ac = official_optimiser_step(o, agent.actor_critic, ac_train["optimizer"], ac_train["training"], agent.actor_critic)
-    time(o_ac, "official_actor_critic_train_step_s")
-    del agent, wm_env, o_ac, o_step
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        segments = SegmentSampler(synthetic_store(Path(tmp) / "store", size), np.random.default_rng(0))
-        torch.manual_seed(0)
-        reward_end = RewardEndModel(p.world_model.reward_end, BENCH_NUM_ACTIONS, size, output_bias=True).to(device)
-        set_memory_format(p.channels_last, reward_end)
-        rarely_terminating(reward_end)
-        bench_args = argparse.Namespace(obs_size=size, batch_size=b, channels_last=p.channels_last,
-                                        compile_imagination=p.compile_imagination)
-        ours_ac = make_actor_critic_step(p, den, reward_end, segments, bench_args, device, bf16=False)
-        time(ours_ac, "ours_actor_critic_train_step_s")
-    for part in ("denoiser_train_step", "sample", "actor_critic_train_step"):
-        result[f"ratio_official_over_ours_{part}"] = result[f"official_{part}_s"] / result[f"ours_{part}_s"]
+    if "actor_critic_train_step" in args.parts:
+        if tree:
+            bias_official_termination(agent)
+            ac_train = resolve(tree, tree["actor_critic"])
+            agent.actor_critic.setup_training(wm_env, o["ActorCriticLossConfig"](**ac_train["actor_critic_loss"]))
+            o_ac = official_optimiser_step(o, agent.actor_critic, ac_train["optimizer"], ac_train["training"], agent.actor_critic)
+            time(o_ac, "official_actor_critic_train_step_s")
+            del agent, wm_env, o_ac
+        for compiled, ours_ac in ours_actor_critic_steps(p, den, device, b, args.ours_compile):
+            key = "ours_actor_critic_train_step_s_" + ("compiled" if compiled else "eager")
+            t = time(ours_ac, key)
+            if compiled == p.compile_imagination:
+                result["ours_actor_critic_train_step_s"] = t  # as train-agent runs it with these params
+        if "ours_actor_critic_train_step_s_compiled" in result and "ours_actor_critic_train_step_s_eager" in result:
+            result["ours_compile_imagination_speedup"] = (
+                result["ours_actor_critic_train_step_s_eager"] / result["ours_actor_critic_train_step_s_compiled"])
+    for part in args.parts:
+        if f"official_{part}_s" in result and f"ours_{part}_s" in result:
+            result[f"ratio_official_over_ours_{part}"] = result[f"official_{part}_s"] / result[f"ours_{part}_s"]
     return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--official", type=Path, required=True, help="a checkout of github.com/eloialonso/diamond")
+    ap.add_argument("--official", type=Path,
+                    help="a checkout of github.com/eloialonso/diamond (without: ours only, e.g. for a dry run)")
     ap.add_argument("--params", type=Path, default=ROOT / "configs" / "paper.yaml", help="our params file")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of --params")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which figures to take")
+    ap.add_argument("--ours-compile", choices=("params", "eager", "compiled", "both"), default="params",
+                    help="our actor-critic step as the params' compile_imagination says, eager, compiled, or both")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per figure after a warm-up; the best is kept")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both (default: torch's own)")
     ap.add_argument("--official-eager", action="store_true",
                     help="do not compile the official imagination even when its training.compile_wm is on")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of every compilation (a dry run: aot_eager, no code generation)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.batch_size < 1:
@@ -390,9 +454,10 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_json(args.json, result)
     for key, value in result.items():
         print(f"{key}: {value:.4g}" if isinstance(value, float) and math.isfinite(value) else f"{key}: {value}")
-    print("ratio official/ours (> 1: ours faster): " + ", ".join(
-        f"{part} {result[f'ratio_official_over_ours_{part}']:.2f}x"
-        for part in ("denoiser_train_step", "sample", "actor_critic_train_step")))
+    ratios = [f"{part} {result[f'ratio_official_over_ours_{part}']:.2f}x" for part in args.parts
+              if f"ratio_official_over_ours_{part}" in result]
+    if ratios:
+        print("ratio official/ours (> 1: ours faster): " + ", ".join(ratios))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ from torch.distributions import Categorical
 from diamond.config import ActorCriticConfig, ConfigError
 from diamond.data import SegmentSampler
 from diamond.frames import to_float
-from diamond.imagination import ImaginationEnv
+from diamond.imagination import ImaginationEnv, categorical
 from diamond.models.actor_critic import ActorCritic
 from diamond.returns import lambda_returns
+from diamond.training import read_metrics
 
 
 def _combine(
@@ -31,8 +32,9 @@ def _combine(
     values: torch.Tensor,
     returns: torch.Tensor,
     valid: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The three loss terms, averaged over the valid (B, H) steps."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The three loss terms, averaged over the valid (B, H) steps, and the metrics as 0-d
+    tensors (`read_metrics` turns them into floats with one host sync)."""
     weight = valid.float()
     count = weight.sum().clamp(min=1.0)
     advantage = (returns - values).detach()
@@ -41,11 +43,11 @@ def _combine(
     entropy = (entropies * weight).sum() / count
     loss = policy_loss + cfg.value_loss_weight * value_loss - cfg.entropy_weight * entropy
     metrics = {
-        "loss_actor": policy_loss.item(),
-        "loss_value": value_loss.item(),
-        "entropy": entropy.item(),
-        "value_mean": ((values * weight).sum() / count).item(),
-        "lambda_return_mean": ((returns * weight).sum() / count).item(),
+        "loss_actor": policy_loss.detach(),
+        "loss_value": value_loss.detach(),
+        "entropy": entropy.detach(),
+        "value_mean": ((values * weight).sum() / count).detach(),
+        "lambda_return_mean": ((returns * weight).sum() / count).detach(),
     }
     return loss, metrics
 
@@ -65,7 +67,7 @@ def imagination_loss(
     rewards, terminated, truncated = [], [], []
     for _ in range(cfg.horizon):
         logits, value, state = forward(obs, state)
-        dist = Categorical(logits=logits)
+        dist = categorical(logits)
         action = dist.sample()
         step = env.step(action)
         log_probs.append(dist.log_prob(action))
@@ -87,9 +89,9 @@ def imagination_loss(
         stack(rewards), stack(next_values), stack(terminated), stack(truncated), cfg.gamma, cfg.lambda_
     )
     loss, metrics = _combine(cfg, stack(log_probs), stack(entropies), values_t, returns, torch.ones_like(values_t, dtype=torch.bool))
-    metrics["imagined_reward_mean"] = float(stack(rewards).mean())
-    metrics["imagined_termination_rate"] = float(stack(terminated).float().mean())
-    return loss, metrics
+    metrics["imagined_reward_mean"] = stack(rewards).mean()
+    metrics["imagined_termination_rate"] = stack(terminated).float().mean()
+    return loss, read_metrics(metrics)
 
 
 def compiled_forward(ac: ActorCritic) -> Callable[..., Any]:
@@ -100,8 +102,9 @@ def compiled_forward(ac: ActorCritic) -> Callable[..., Any]:
     pending through the whole unroll, and then CUDA graph trees fall back to their slow path for
     every graph of the process, the imagined step's too (measured on an H200: 1.02x; the warning
     "Unable to hit fast path of CUDAGraphs because of pending, uninvoked backwards";
-    docs/results.md, "GPU measurement"). The official code graphs only the world model's step."""
-    return torch.compile(ac)
+    docs/results.md, "GPU measurement"). The official code graphs only the world model's step.
+    fullgraph: a graph break is an error, not a silent split (tests/test_compiled_step.py)."""
+    return torch.compile(ac, fullgraph=True)
 
 
 def real_data_loss(
@@ -130,7 +133,8 @@ def real_data_loss(
     returns = lambda_returns(
         seg.rew[:, window].sign(), next_values, seg.terminated[:, window], seg.truncated[:, window], cfg.gamma, cfg.lambda_
     )
-    return _combine(cfg, torch.stack(log_probs, 1), torch.stack(entropies, 1), values_t, returns, seg.mask[:, window])
+    loss, metrics = _combine(cfg, torch.stack(log_probs, 1), torch.stack(entropies, 1), values_t, returns, seg.mask[:, window])
+    return loss, read_metrics(metrics)
 
 
 class AgentPolicy:

@@ -41,6 +41,14 @@ class ImaginedStep:
     restart: Restart
 
 
+def categorical(logits: torch.Tensor) -> torch.distributions.Categorical:
+    """Categorical(logits=logits) without argument validation: the same samples, log-probs and
+    entropies, but validation tests the logits (and each log_prob's value) with `if not
+    valid.all()`, a host sync on a GPU, several per imagined step. The logits come from our own
+    networks, and the values from the distribution's own samples."""
+    return torch.distributions.Categorical(logits=logits, validate_args=False)
+
+
 def _where_rows(rows: torch.Tensor, new: object, old: object) -> object:
     """`new` on the rows where `rows` (B,) is True, `old` elsewhere, for a tensor or a tuple of
     tensors whose batch dimension is the second to last (LSTM states: (layers, B, D))."""
@@ -81,8 +89,12 @@ class ImaginationEnv:
         self.steps: torch.Tensor | None = None  # (B,) imagined steps since each row's start
         # params compile_imagination: the step's sampler integration and R in one compiled
         # function (CUDA graphs on a GPU); its random numbers are drawn outside it, in eager's order.
+        # fullgraph: a graph break would split the CUDA graph and add host round trips, so one is
+        # an error here rather than a silent slowdown (tests/test_compiled_step.py).
         self.compiled = compile
-        self._transition_fn = torch.compile(self._transition, mode="reduce-overhead") if compile else self._transition
+        self._compiled_transition = (
+            torch.compile(self._transition, mode="reduce-overhead", fullgraph=True) if compile else None
+        )
 
     def _draw(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Real starts for n rows on `device`: (L frames, L-1 actions, mask)."""
@@ -125,6 +137,17 @@ class ImaginationEnv:
         )
         return next_obs, logits_rew, logits_end, state
 
+    def _transition_fn(
+        self, obs_buffer: torch.Tensor, act_buffer: torch.Tensor, noise: list[torch.Tensor], reward_state: object
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+        """`_transition`, compiled under compile_imagination. Dynamo refuses nn.LSTM (R's) unless
+        `allow_rnn` is set while it traces; set here only, around this one function, so that no
+        other compiled code of the process changes."""
+        if self._compiled_transition is None:
+            return self._transition(obs_buffer, act_buffer, noise, reward_state)
+        with torch._dynamo.config.patch(allow_rnn=True):
+            return self._compiled_transition(obs_buffer, act_buffer, noise, reward_state)
+
     @torch.no_grad()
     def step(self, action: torch.Tensor) -> ImaginedStep:
         """Play `action` (B,) long in every row."""
@@ -142,8 +165,8 @@ class ImaginationEnv:
         if self.compiled:  # CUDA graphs reuse their output buffers at the next replay: keep copies
             next_obs, self.reward_state = next_obs.clone(), tuple(s.clone() for s in self.reward_state)
         # Sample sign(reward) in {-1, 0, 1} and termination from the predicted distributions.
-        reward = torch.distributions.Categorical(logits=logits_rew[:, 0]).sample().float() - 1.0
-        terminated = torch.distributions.Categorical(logits=logits_end[:, 0]).sample().bool()
+        reward = categorical(logits_rew[:, 0]).sample().float() - 1.0
+        terminated = categorical(logits_end[:, 0]).sample().bool()
         self.steps += 1
         truncated = (self.steps >= self.horizon) & ~terminated
         self.obs_buffer = torch.cat([self.obs_buffer[:, 1:], next_obs[:, None]], dim=1)

@@ -19,6 +19,7 @@ denoised estimate itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -91,7 +92,7 @@ def churn_gamma(cfg: SamplerConfig, sigma: float) -> float:
 def sample_ode(
     denoise_fn,
     x: Tensor,
-    sigmas: Tensor,
+    sigmas: Tensor | Sequence[float],
     cfg: SamplerConfig,
     generator: torch.Generator | None = None,
     churn_noise: list[Tensor] | None = None,
@@ -99,9 +100,12 @@ def sample_ode(
     """Integrate from x at sigmas[0] down to sigmas[-1] = 0 with the configured solver.
 
     The churn's N(0, I) draws come from `churn_noise` (one per churned step, in order) when
-    given, else are drawn here with `generator`."""
+    given, else are drawn here with `generator`. `sigmas` may be the Python floats of
+    `karras_sigmas`'s tensor (`DiffusionSampler.sigma_values`): under torch.compile the loop then
+    unrolls on constants, where reading a float tensor's values would break the graph."""
     churn = iter(churn_noise) if churn_noise is not None else None
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+    levels = sigmas.tolist() if isinstance(sigmas, Tensor) else list(sigmas)
+    for sigma, sigma_next in zip(levels[:-1], levels[1:]):
         gamma = churn_gamma(cfg, sigma)
         if gamma > 0:
             sigma_hat = sigma * (1 + gamma)
@@ -135,6 +139,9 @@ class DiffusionSampler:
         self.cfg = cfg
         self.quantization = quantization
         self.sigmas = karras_sigmas(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+        # The same levels as Python floats (tolist is exact), read once here and not at every
+        # imagined step: `integrate` then has no host read, and dynamo no graph break on it.
+        self.sigma_values: tuple[float, ...] = tuple(self.sigmas.tolist())
 
     @torch.no_grad()
     def sample(self, prev_obs: Tensor, prev_act: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -146,18 +153,19 @@ class DiffusionSampler:
         (B, 3, H, W), then one N(0, I) per step with churn. Drawn apart from `integrate` so that a
         compiled `integrate` (params compile_imagination) gives eager mode's samples."""
         b, _, c, h, w = prev_obs.shape
-        steps_with_churn = sum(churn_gamma(self.cfg, s) > 0 for s in self.sigmas[:-1].tolist())
+        steps_with_churn = sum(churn_gamma(self.cfg, s) > 0 for s in self.sigma_values[:-1])
         return [torch.randn((b, c, h, w), generator=generator, device=prev_obs.device, dtype=torch.float32)
                 for _ in range(1 + steps_with_churn)]
 
     @torch.no_grad()
     def integrate(self, noise: list[Tensor], prev_obs: Tensor, prev_act: Tensor) -> Tensor:
-        """The next frame from `draw_noise`'s numbers: deterministic, no host sync."""
+        """The next frame from `draw_noise`'s numbers: deterministic, no host sync, no graph
+        break under torch.compile(fullgraph=True) (tests/test_compiled_step.py)."""
         x = noise[0] * self.cfg.sigma_max if self.cfg.initial_noise == "sigma_max" else noise[0]
 
         def denoise_fn(x_noisy: Tensor, sigma: float) -> Tensor:
             denoised = self.denoiser.denoise(x_noisy, sigma, prev_obs, prev_act)
             return quantize_8bit(denoised, self.quantization) if self.cfg.quantize else denoised
 
-        x = sample_ode(denoise_fn, x, self.sigmas, self.cfg, churn_noise=noise[1:])
+        x = sample_ode(denoise_fn, x, self.sigma_values, self.cfg, churn_noise=noise[1:])
         return x.clamp(-1, 1)

@@ -177,3 +177,48 @@ def test_denoiser_draws_trains_and_measures_a_draw_and_a_checkpoint(tmp_path):
     denoiser_draws.main(common + ["--checkpoint", str(tmp_path / "world_model.pt"), "--json", str(tmp_path / "ckpt.json")])
     ckpt = json.loads((tmp_path / "ckpt.json").read_text())
     assert ckpt["mse_repeat_last"] == a["mse_repeat_last"] and ckpt["mse"] != a["mse"]
+
+
+def test_gpu_check_dry_run_writes_the_report(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run (CPU, tiny config, ours only): one report in
+    reports/bench/<gpu>_<date>.json with every figure of issue 28 finite, the packed K = 1, 2
+    workers' throughput and memory, and the two projections as benchmarks/gpu_report.py defines them."""
+    import os
+
+    env = {**os.environ, "PYTHON": sys.executable, "OFFICIAL": ""}
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(tmp_path)], cwd=bench.ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    reports = list((tmp_path / "reports" / "bench").glob("cpu-dry-run_*.json"))
+    assert len(reports) == 1, done.stdout[-3000:]
+    assert reports[0].with_suffix(".log").exists()
+    r = json.loads(reports[0].read_text())
+    for key in ("ours_actor_critic_step_s_eager", "ours_actor_critic_step_s_compiled", "denoiser_step_s",
+                "reward_end_step_s", "paper_run_hours", "table1_gpu_hours", "best_k_speedup"):
+        assert isinstance(r[key], float) and np.isfinite(r[key]) and r[key] > 0, key
+    assert r["official_actor_critic_step_s"] is None  # no official checkout in a dry run
+    assert set(r["packed"]) == {"1", "2"}
+    for k, packed in r["packed"].items():
+        assert packed["error"] is None
+        for key in ("actor_critic_steps_per_s", "imagined_steps_per_s", "imagined_frames_per_s"):
+            assert np.isfinite(packed[key]) and packed[key] > 0, (k, key)
+        assert packed["imagined_steps_per_s"] == pytest.approx(2 * packed["actor_critic_steps_per_s"])  # horizon 2
+        assert len(packed["peak_memory_mb"]) == int(k) and min(packed["peak_memory_mb"]) > 0
+    ac = min(r["ours_actor_critic_step_s_eager"], r["ours_actor_critic_step_s_compiled"])
+    assert r["paper_run_hours_actor_critic"] == pytest.approx(r["paper_run_actor_critic_steps"] * ac / 3600)
+    assert r["paper_run_hours"] == pytest.approx(r["paper_run_hours_denoiser"] + r["paper_run_hours_reward_end"]
+                                                 + r["paper_run_hours_actor_critic"])
+    assert r["table1_gpu_hours"] == pytest.approx(130 * r["paper_run_hours"] / r["best_k_speedup"])
+    assert r["best_k_speedup"] == max(p["speedup_over_one"] for p in r["packed"].values())
+
+
+def test_gpu_report_names_the_gpu_and_tolerates_missing_parts(tmp_path):
+    """A part stopped by its timeout before writing leaves its figures null, not a crash."""
+    from benchmarks.gpu_report import gpu_slug, main
+
+    assert gpu_slug("NVIDIA H200") == "h200" and gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+    path = main(["--out", str(tmp_path), "--gpu", "NVIDIA H100 80GB HBM3", "--date", "2026-12-06",
+                 "--side-by-side", str(tmp_path / "missing.json")])
+    assert path == tmp_path / "reports" / "bench" / "h100_2026-12-06.json"
+    r = json.loads(path.read_text())
+    assert r["paper_run_hours"] is None and r["table1_gpu_hours"] is None and r["packed"] == {}

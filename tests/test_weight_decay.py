@@ -95,3 +95,27 @@ def test_optimizer_state_of_another_layout_is_a_clear_error():
     with pytest.raises(ArtifactError, match=r"parameter groups of sizes \[18\].*\[8, 10\]") as e:
         trainer.load_state_dict({"optimizer": old.state_dict(), "num_steps": 5})
     assert "\n" not in str(e.value)
+
+
+def test_foreach_adamw_updates_like_the_per_parameter_loop():
+    """Trainer's AdamW (foreach) gives the per-parameter loop's weights bit for bit over warm-up,
+    decay and clipping, and keeps foreach after loading a state saved without it."""
+    torch.manual_seed(0)
+    models = [Small(), Small()]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = OptimizerConfig(lr=1e-2, eps=1e-8, weight_decay=0.1, warmup_steps=3, max_grad_norm=0.5)
+    trainer = Trainer(models[0], cfg)
+    assert all(g["foreach"] for g in trainer.optimizer.param_groups)
+    loop = Trainer(models[1], cfg)
+    for group in loop.optimizer.param_groups:
+        group["foreach"] = False  # PyTorch's CPU default: one parameter at a time
+    x = torch.randn(5, 4)
+    for _ in range(6):
+        for t, m in zip((trainer, loop), models):
+            out = m.head(m.cell(x)[0]) + m.act_emb(torch.arange(5) % 3)[:, :2]
+            img = m.norm(m.conv(torch.randn(1, 3, 5, 5, generator=torch.Generator().manual_seed(t.num_steps))))
+            t.step(out.square().mean() + img.mean() + m.lstm(x[None])[0].sum())
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    trainer.load_state_dict(loop.state_dict())
+    assert all(g["foreach"] for g in trainer.optimizer.param_groups)

@@ -169,6 +169,11 @@ class Denoiser(nn.Module):
         return x_t, c_noise, eps, lambda out: ddpm.predict_x0(x_t, out, alpha_bar)
 
     def compute_loss(self, seg: SegmentLike) -> tuple[Tensor, dict[str, float]]:
+        """`loss(seg)` and its value as a float (the one host read of a training step's loss)."""
+        loss = self.loss(seg)
+        return loss, {"loss": loss.item()}
+
+    def loss(self, seg: SegmentLike) -> Tensor:
         """Masked denoising loss, trained autoregressively over k = num_autoregressive_steps.
 
         Every window of L + 1 + k consecutive frames of the segment (one window for segments of
@@ -179,7 +184,8 @@ class Denoiser(nn.Module):
         quantized to 8 bits (`quantization`). Each step draws its own noise level and noise.
         The loss is the mean over the k + 1 steps of each step's masked loss, as in the official
         denoiser's forward (src/models/diffusion/denoiser.py); k = 0 is plain teacher forcing
-        (the `ddpm` branch's compute_loss).
+        (the `ddpm` branch's compute_loss). Tensors in, a tensor out, nothing read on the host:
+        torch.compile(fullgraph=True) captures it whole (tests/test_compiled_step.py).
         """
         L = self.cfg.num_conditioning_frames
         k = self.cfg.num_autoregressive_steps
@@ -208,5 +214,4 @@ class Denoiser(nn.Module):
             if i < k:
                 with torch.no_grad():
                     frames[:, L + i] = quantize_8bit(to_estimate(out.detach()), self.cfg.quantization)
-        loss = losses[0] if k == 0 else torch.stack(losses).mean()
-        return loss, {"loss": loss.item()}
+        return losses[0] if k == 0 else torch.stack(losses).mean()

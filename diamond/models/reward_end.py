@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from diamond.config import ConfigError, RewardEndConfig
 from diamond.models.blocks import Downsample, ResBlocks, init_lstm
 from diamond.models.denoiser import SegmentLike
+from diamond.training import read_metrics
 
 NUM_REWARD_CLASSES = 3
 NUM_END_CLASSES = 2
@@ -133,28 +134,29 @@ class RewardEndModel(nn.Module):
         logits = self.head(h)
         return logits[..., :NUM_REWARD_CLASSES], logits[..., NUM_REWARD_CLASSES:], hx_cx
 
-    def compute_loss(self, seg: SegmentLike) -> tuple[Tensor, dict[str, float]]:
-        """Cross-entropy on sign(reward) and termination for every real step of the segment."""
+    def loss_terms(self, seg: SegmentLike) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(loss, reward loss, termination loss, reward logits, termination logits, mask of real
+        steps (B, T)): cross-entropy on sign(reward) and termination for every real step.
+
+        Tensors in, tensors out, nothing read on the host: torch.compile(fullgraph=True) captures
+        it whole once dynamo's `allow_rnn` lets it trace the LSTM (tests/test_compiled_step.py)."""
         mask = seg.mask[:, :-1] & seg.mask[:, 1:]
         frame_mask = seg.mask[:, :, None, None, None]
         obs = seg.obs * frame_mask  # padding before the episode start becomes zeros
         logits_rew, logits_end, _ = self(obs[:, :-1], seg.act, obs[:, 1:])
-        target_rew = reward_classes(seg.rew)
-        target_end = seg.terminated.long()
         weight = mask.float().flatten()
         denom = weight.sum().clamp(min=1)
-        loss_rew = (F.cross_entropy(logits_rew.flatten(0, 1).float(), target_rew.flatten(), reduction="none") * weight).sum() / denom
-        loss_end = (F.cross_entropy(logits_end.flatten(0, 1).float(), target_end.flatten(), reduction="none") * weight).sum() / denom
-        loss = loss_rew + loss_end
+        target_rew, target_end = reward_classes(seg.rew).flatten(), seg.terminated.long().flatten()
+        loss_rew = (F.cross_entropy(logits_rew.flatten(0, 1).float(), target_rew, reduction="none") * weight).sum() / denom
+        loss_end = (F.cross_entropy(logits_end.flatten(0, 1).float(), target_end, reduction="none") * weight).sum() / denom
+        return loss_rew + loss_end, loss_rew, loss_end, logits_rew, logits_end, mask
+
+    def compute_loss(self, seg: SegmentLike) -> tuple[Tensor, dict[str, float]]:
+        """`loss_terms`' loss, with the losses and accuracies on real steps as floats."""
+        loss, loss_rew, loss_end, logits_rew, logits_end, mask = self.loss_terms(seg)
         with torch.no_grad():
             m = mask.flatten()
-            acc_rew = (logits_rew.argmax(-1).flatten()[m] == target_rew.flatten()[m]).float().mean()
-            acc_end = (logits_end.argmax(-1).flatten()[m] == target_end.flatten()[m]).float().mean()
-        metrics = {
-            "loss": loss.item(),
-            "loss_rew": loss_rew.item(),
-            "loss_end": loss_end.item(),
-            "acc_rew": acc_rew.item(),
-            "acc_end": acc_end.item(),
-        }
-        return loss, metrics
+            acc_rew = (logits_rew.argmax(-1).flatten()[m] == reward_classes(seg.rew).flatten()[m]).float().mean()
+            acc_end = (logits_end.argmax(-1).flatten()[m] == seg.terminated.long().flatten()[m]).float().mean()
+        metrics = {"loss": loss, "loss_rew": loss_rew, "loss_end": loss_end, "acc_rew": acc_rew, "acc_end": acc_end}
+        return loss, read_metrics(metrics)
