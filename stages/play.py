@@ -16,6 +16,7 @@ It prints the URL (127.0.0.1 and a free port unless --host/--port) and serves un
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import time
 from pathlib import Path
@@ -67,6 +68,16 @@ def game_of(args: argparse.Namespace, found: str | None) -> str:
     return game
 
 
+def checkpoint_params(path: Path, saved: dict) -> Params:
+    """The params an agent checkpoint was written with (to_dict of Params, derived keys included)."""
+    data = copy.deepcopy(saved)
+    data.get("world_model", {}).get("reward_end", {}).pop("segment_length", None)  # derived, not a key
+    try:
+        return params_from_dict(data)
+    except ConfigError as e:
+        raise ArtifactError(f"{path}: its params do not load with this code ({e})") from None
+
+
 def load_models(args: argparse.Namespace, device: torch.device) -> tuple[str, Params, WorldModel, ActorCritic | None]:
     """The game, params, world model and (with --agent) actor-critic of the command line."""
     if args.random_weights is not None:
@@ -83,7 +94,7 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[str, Pa
         if found != AGENT_CHECKPOINT_FORMAT:
             raise ArtifactError(f"{args.agent}: not an agent checkpoint of format {AGENT_CHECKPOINT_FORMAT!r} (found {found!r})")
         game = game_of(args, ckpt["game"])
-        p = params_from_dict(ckpt["params"])
+        p = checkpoint_params(args.agent, ckpt["params"])
         wm = load_world_model(args.agent, device, ckpt=ckpt["world_model"])
         ac = ActorCritic(p.actor_critic, int(ckpt["num_actions"]), p.env.obs_size).to(device)
         ac.load_state_dict(ckpt["actor_critic"])
