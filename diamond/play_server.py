@@ -51,23 +51,27 @@ class PlayServer(ThreadingHTTPServer):
         self.loop.start()
 
     def _game_loop(self) -> None:
-        """Step the session at settings.fps (0: as fast as it goes) unless paused."""
+        """Step the session at settings.fps (0: as fast as it goes) unless paused. Ticks are due
+        on a fixed clock, so the wake-up delays do not add up to a lower rate."""
         ticks: list[float] = []
+        due = time.perf_counter()
         while not self.stopping.is_set():
-            began = time.perf_counter()
             with self.lock:
                 paused, fps = self.session.settings.paused, self.session.settings.fps
                 if not paused:
                     self.session.step()
+            now = time.perf_counter()
             if paused:
-                ticks, self.frame_rate = [], None
+                ticks, self.frame_rate, due = [], None, now
                 self.stopping.wait(0.02)
                 continue
-            ticks = (ticks + [time.perf_counter()])[-31:]
+            ticks = (ticks + [now])[-31:]
             if len(ticks) > 1:
                 self.frame_rate = (len(ticks) - 1) / (ticks[-1] - ticks[0])
-            if fps > 0:
-                self.stopping.wait(max(0.0, 1 / fps - (time.perf_counter() - began)))
+            # Behind by more than a tick (a slow step): start the clock again rather than race to catch up.
+            due = max(due + 1 / fps, now) if fps > 0 else now
+            if due > now:
+                self.stopping.wait(due - now)
 
     def shutdown(self) -> None:
         self.stopping.set()

@@ -42,7 +42,8 @@ def parse_args() -> argparse.Namespace:
     src.add_argument("--agent", type=Path, help="agent checkpoint (train-agent, import-official, import-released)")
     src.add_argument("--world-model", type=Path, help="world-model checkpoint alone: a person plays")
     src.add_argument("--random-weights", metavar="PARAMS", type=Path,
-                     help="a fresh world model and agent of this params file (speed measurements)")
+                     help="a fresh world model and agent of this params file, whose R never predicts an end "
+                          "(speed measurements: an untrained R would end every other step)")
     p.add_argument("--game", help="game of a --world-model or --random-weights (an agent checkpoint names its own)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"),
                    help="env section for --world-model (default params.yaml); an agent checkpoint carries its own")
@@ -53,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the starts and of the world model's sampling")
     p.add_argument("--fps", type=float, default=15.0, help="target frame rate (0: as fast as possible)")
     p.add_argument("--paused", action="store_true", help="start paused")
+    p.add_argument("--denoising-steps", type=int, help="the sampler's steps to start with (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--benchmark", type=int, metavar="STEPS", help="play STEPS steps at full speed, print the rate, exit")
     return p.parse_args()
@@ -88,6 +90,13 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[str, Pa
         torch.manual_seed(args.seed)
         wm = build_world_model(p.world_model, num_actions(game), p.env.obs_size, device)
         ac = ActorCritic(p.actor_critic, num_actions(game), p.env.obs_size).to(device)
+        # An untrained R ends every other step, a trained one rarely: here it predicts reward 0
+        # and no end (logits: reward -1, 0, 1, then not-ended, ended), so steps are timed, not resets.
+        head = torch.nn.Linear(wm.reward_end.head[-1].in_features, 5).to(device)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([0.0, 30.0, 0.0, 30.0, 0.0]))
+        wm.reward_end.head[-1] = head
     elif args.agent is not None:
         ckpt = load_torch(args.agent)
         found = ckpt.get("format") if isinstance(ckpt, dict) else None
@@ -139,6 +148,11 @@ def main() -> None:
                             paused=args.paused, fps=args.fps)
     session = PlaySession(game, p.env, wm, ac, device, seed=args.seed, dataset=dataset, record_dir=args.record_dir,
                           settings=settings)
+    if args.denoising_steps is not None:
+        try:
+            session.update({"denoising_steps": args.denoising_steps})
+        except ValueError as e:
+            raise ConfigError(f"--denoising-steps: {e}") from None
     if args.benchmark:
         return benchmark(session, args.benchmark)
     try:

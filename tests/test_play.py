@@ -272,7 +272,8 @@ def test_play_in_the_browser(server: dict[str, Any], checkpoints: dict[str, Path
         browser.key(".")
         state = wait_until("a side-by-side step", lambda: (s := api_state(url))["pixel_error"] is not None and s)
         assert state["real_frame"] and 0 <= state["pixel_error"] <= 255
-        wait_until("real game drawn", lambda: browser.eval("!document.getElementById('real-box').hidden"))
+        wait_until("real game and error drawn", lambda: browser.eval(
+            "!document.getElementById('real-box').hidden && document.getElementById('error-px').textContent !== '-'"))
 
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
@@ -322,3 +323,29 @@ def test_busy_port_is_a_one_line_error(checkpoints: dict[str, Path]) -> None:
         line = one_line_error("--world-model", str(checkpoints["world_model"]), "--game", GAME, "--params",
                               str(ROOT / "params.yaml"), "--port", str(port), cwd=checkpoints["tmp"])
     assert "already in use" in line
+
+
+def test_dataset_mode_replays_a_store_frame_by_frame(tmp_path: Path) -> None:
+    """Dataset mode (the authors' dataset viewer, src/game/dataset_env.py) shows every stored
+    frame in order, episode after episode, with the stored actions and rewards."""
+    from diamond.data import Episode
+    from diamond.play import PlaySession, PlaySettings
+
+    rng = np.random.default_rng(0)
+    store = EpisodeStore(tmp_path / "dataset", game=GAME, num_actions=4)
+    episodes = [Episode(rng.integers(0, 256, (t + 1, 3, 32, 32), dtype=np.uint8), rng.integers(0, 4, t),
+                        np.ones(t, dtype=np.float32), np.zeros(t, dtype=bool), np.eye(t, dtype=bool)[-1]) for t in (3, 2)]
+    for ep in episodes:
+        store.append(ep)
+    session = PlaySession(GAME, tiny_params().env, None, None, torch.device("cpu"), dataset=EpisodeStore(tmp_path / "dataset"),
+                          settings=PlaySettings(mode="dataset", controller="human"))
+    shown = [session.frame]
+    for _ in range(7):
+        session.step()
+        shown.append(session.frame)
+    expected = [*episodes[0].obs, *episodes[1].obs, episodes[0].obs[0]]
+    assert all(np.array_equal(a, b) for a, b in zip(shown, expected, strict=True))
+    state = session.state()
+    assert state["replay"] == {"episode": 0, "episodes": 2} and state["step"] == 0
+    session.step()
+    assert session.state()["last_action"] == session.names[episodes[0].act[0]] and session.score == 1.0
