@@ -10,7 +10,7 @@ The API is the page's whole reach: GET /api/state (JSON, frames as base64 PNG), 
 but a record name, which must be a plain folder name inside the server's record directory. POSTs
 must be `application/json` (a cross-site page cannot send that without a CORS preflight, which
 this server never grants) and the Host header must name this server, so another site open in the
-same browser cannot drive the game (DNS rebinding).
+same browser cannot drive the game (DNS rebinding; the Host check applies on loopback only).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 from diamond.play import PlaySession
 
 MAX_BODY = 4096
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 class PlayServer(ThreadingHTTPServer):
@@ -37,7 +38,9 @@ class PlayServer(ThreadingHTTPServer):
         self.session = session
         self.lock = threading.Lock()
         self.page = resources.files("diamond").joinpath("play_page.html").read_bytes()
-        self.allowed_hosts = {host, "127.0.0.1", "localhost", "[::1]"}
+        # Bound to loopback, only this machine's names may reach it; bound elsewhere (--host, a
+        # deliberate choice), the names it is reached by are not known here.
+        self.allowed_hosts = LOOPBACK_NAMES if host in LOOPBACK_NAMES else None
         self.stopping = threading.Event()
         self.frame_rate: float | None = None  # steps per second the game loop reached
         self.loop = threading.Thread(target=self._game_loop, name="play-game-loop", daemon=True)
@@ -99,6 +102,8 @@ class PlayHandler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(data).encode(), "application/json")
 
     def _host_ok(self) -> bool:
+        if self.server.allowed_hosts is None:
+            return True
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
         return host in self.server.allowed_hosts
 
