@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,7 +30,6 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_params_dict
-from test_mlflow_ui import ARTIFACTS, CHROMIUM, free_port
 
 from diamond.agent_checkpoint import agent_checkpoint
 from diamond.config import params_from_dict, to_dict
@@ -42,7 +42,9 @@ from diamond.seeds import derived_seed
 from diamond.world_model import build_world_model, load_world_model, save_world_model, world_model_state
 
 GAME, SEED, NOOP, LEFT, STEPS = "Breakout", 3, 0, 3, 3
-pytestmark = pytest.mark.slow  # about a minute: three play processes and a browser
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # as tests/test_mlflow_ui.py
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", ROOT / ".pytest_cache" / "artifacts"))
+pytestmark = pytest.mark.slow  # 25-60 s on the shared 2-core machine: three play processes and a browser
 
 
 def tiny_params():
@@ -71,6 +73,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     atomic_save_torch(tmp / "agent.pt", agent_checkpoint(GAME, 0, 4, to_dict(p), ac.state_dict(), world_model_state(wm)))
     save_world_model(tmp / "world_model.pt", wm)
     return {"agent": tmp / "agent.pt", "world_model": tmp / "world_model.pt", "tmp": tmp}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def play_command(*args: str) -> list[str]:
