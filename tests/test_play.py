@@ -357,3 +357,27 @@ def test_dataset_mode_replays_a_store_frame_by_frame(tmp_path: Path) -> None:
     assert state["replay"] == {"episode": 0, "episodes": 2} and state["step"] == 0
     session.step()
     assert session.state()["last_action"] == session.names[episodes[0].act[0]] and session.score == 1.0
+
+
+def test_page_is_self_contained() -> None:
+    """The page works offline: no script, style, font or image from the network."""
+    from importlib import resources
+
+    page = resources.files("diamond").joinpath("play_page.html").read_text()
+    assert "http:" not in page and "https:" not in page and 'src="//' not in page and "@import" not in page
+
+
+def test_world_model_alone_is_played_by_a_person(checkpoints: dict[str, Path]) -> None:
+    from diamond.play import PlaySession
+
+    wm = load_world_model(checkpoints["world_model"], torch.device("cpu"))
+    session = PlaySession(GAME, tiny_params().env, wm, None, torch.device("cpu"))
+    assert session.settings.controller == "human" and session.state(frames=False)["controllers"] == ["human"]
+    with pytest.raises(ValueError, match="controller"):
+        session.update({"controller": "agent"})
+    session.set_action(LEFT)
+    session.step()
+    assert session.last_action == LEFT and session.state(frames=False)["last_action"] == "LEFT"
+    session.update({"denoising_steps": 1, "horizon": 1})  # the sampler and horizon change live
+    session.step()  # the horizon of 1 ends the episode: a new one starts
+    assert session.dream.sampler.cfg.num_steps == 1 and session.step_count == 0 and session.episode == 1
