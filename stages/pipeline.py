@@ -324,11 +324,8 @@ def _output_files(stage: str, game: str | None, seed: int | None) -> list[Path]:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def output_manifest(stage: str, game: str | None, seed: int | None) -> dict[str, dict[str, Any]]:
