@@ -12,7 +12,8 @@
 # outputs); every input is `ancient` unless the job that makes it runs (`made_by`); a job whose
 # outputs are on disk but not current (another key, no record, a file that differs from its
 # record, a job before it that runs) takes a stale marker as an input, written when this file is
-# read, dated after the job's outputs, and saying why (printed as `provenance: rerun ...`).
+# read, dated now (after every output: none is left dated in the future), and saying why (printed as
+# `provenance: rerun ...`).
 # profiles/default sets the rerun triggers to `software-env` alone, so Snakemake's own records
 # of earlier runs (.snakemake/metadata, which do not travel) decide nothing either.
 

@@ -416,8 +416,13 @@ def stale_markers(params: dict[str, Any], planned: dict[Job, str], tag: str) -> 
 
     Snakemake reruns a job whose outputs exist only when an input is newer than them (or one it
     makes runs first, and it makes a missing intermediate file only for a job that runs). So the
-    marker, an input of the job, is dated after the newest file of the job's outputs, whatever
-    their dates: the plan, made from contents, decides; the date only tells Snakemake."""
+    marker, an input of the job, is dated now, after every output once no output is dated in
+    the future (`_no_future_dates`): the plan, made from contents, decides; the date only tells
+    Snakemake."""
+    if not planned:
+        return {}
+    now = time.time()
+    _no_future_dates(params, now - 1)
     markers: dict[str, str] = {}
     for job, why in planned.items():
         if why == "not built" or not outputs_present(*job):
@@ -428,10 +433,20 @@ def stale_markers(params: dict[str, Any], planned: dict[Job, str], tag: str) -> 
         marker.parent.mkdir(parents=True, exist_ok=True)
         reason = f"{dvc_stage_name(*job, params)}: {why}"
         marker.write_text(reason + "\n")
-        newest = max([time.time()] + [p.lstat().st_mtime for p in _output_tree(*job)])
-        os.utime(marker, (newest + 1, newest + 1))
+        os.utime(marker, (now, now))
         markers[marker.as_posix()] = reason
     return markers
+
+
+def _no_future_dates(params: dict[str, Any], latest: float) -> None:
+    """Date back to `latest` every output file or folder dated after it. Snakemake fails a job
+    whose new outputs are older than an input (its clock-skew check, which no setting turns
+    off), and restored or copied files can carry any date: one from a machine whose clock runs
+    ahead, or a test's random dates. Contents, and so every decision, stay as they are."""
+    for job in all_jobs(params):
+        for path in _output_tree(*job):
+            if path.lstat().st_mtime > latest:
+                os.utime(path, (latest, latest), follow_symlinks=False)
 
 
 def _output_tree(stage: str, game: str | None, seed: int | None) -> list[Path]:
