@@ -33,7 +33,7 @@ from diamond.play import PlaySession, PlaySettings
 from diamond.play_server import PlayServer
 from diamond.training import apply_speed_switches
 from diamond.world_model import WorldModel, load_world_model
-from stages.common import resolve_device, run_main
+from stages.common import run_main
 
 
 def parse_args() -> argparse.Namespace:
