@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import tiny_params_dict
-from diamond.config import ConfigError, params_from_dict, to_dict
+from diamond.config import OFFICIAL_BEHAVIOUR, ConfigError, load_params, params_from_dict, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -49,3 +53,23 @@ def test_reward_end_segment_length_is_derived_from_the_horizon() -> None:
     p = params_from_dict(d)
     assert p.world_model.reward_end.segment_length == 10
     assert to_dict(p)["world_model"]["reward_end"]["segment_length"] == 10  # hashed and logged with the rest
+
+
+@pytest.mark.parametrize("config", ["configs/paper.yaml", "configs/released.yaml"])
+def test_paper_configs_select_every_official_behaviour(config: str) -> None:
+    """Table 1 came from the official code, quirks included (docs/official-parity.md)."""
+    data = to_dict(load_params(ROOT / config))
+    for key, (official, row) in OFFICIAL_BEHAVIOUR.items():
+        assert _dotted(data, key) == official, f"{config}: {key} (row {row}) must be {official!r}"
+
+
+def test_the_small_default_keeps_our_behaviour() -> None:
+    data = to_dict(load_params(ROOT / "params.yaml"))
+    for key, (official, row) in OFFICIAL_BEHAVIOUR.items():
+        assert _dotted(data, key) != official, f"params.yaml: {key} (row {row}) is the official value"
+
+
+def _dotted(data: dict, key: str):
+    for part in key.split("."):
+        data = data[part]
+    return data
