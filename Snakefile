@@ -7,7 +7,7 @@
 #   snakemake -j 16 --resources gpu_share=2 ...           # 2 GPU jobs on one GPU (params runs_per_gpu: 2)
 #
 # What runs is decided from file contents alone, never from file times, so that results restored
-# by `dvc pull`/`dvc checkout` or copied stay current (stages/pipeline.py, "Provenance"): every
+# by `dvc pull`/`dvc checkout` or copied stay current (stages/provenance.py): every
 # job writes a provenance record (an output here and in dvc.yaml, so it travels with the other
 # outputs); every input is `ancient` unless the job that makes it runs (`made_by`); a job whose
 # outputs are on disk but not current (another key, no record, a file that differs from its
@@ -25,11 +25,11 @@ import time
 import uuid
 
 sys.path.insert(0, workflow.basedir)
-from stages import pipeline  # noqa: E402  (standard library and PyYAML only)
+from stages import layout, provenance  # noqa: E402  (standard library and PyYAML only)
 
 PARAMS_FILE = config.get("params", "params.yaml")
-P = pipeline.load_raw(PARAMS_FILE)
-RUNS = pipeline.runs(P)
+P = layout.load_raw(PARAMS_FILE)
+RUNS = layout.runs(P)
 PY = shlex.quote(sys.executable)
 ON_GPU = P["device"] != "cpu"
 
@@ -51,9 +51,9 @@ ARGS = "--params {PARAMS_FILE} --game {wildcards.game} --seed {wildcards.seed}"
 # marker (path -> reason). Only the main process plans: a cluster job re-reads this file to run
 # the one job it was given. Markers are named after this invocation, so that one left by an
 # interrupted run is not taken for this run's (`stages.pipeline done` removes a job's markers).
-PLAN = pipeline.plan(P) if workflow.is_main_process else {}
+PLAN = provenance.plan(P) if workflow.is_main_process else {}
 MARKER_TAG = re.sub(r"[^A-Za-z0-9_.-]", "_", os.environ["DIAMOND_PIPELINE_ID"])
-STALE = pipeline.stale_markers(P, PLAN, MARKER_TAG)
+STALE = provenance.stale_markers(P, PLAN, MARKER_TAG)
 for _reason in STALE.values():
     print(f"provenance: rerun {_reason}", file=sys.stderr)
 
@@ -68,13 +68,13 @@ def made_by(path, stage, game=None, seed=None):
 
 def stale(stage, game=None, seed=None):
     """A job's stale marker as an input when the plan reruns it, else nothing."""
-    marker = pipeline.stale_marker_path(stage, game, seed, MARKER_TAG)
+    marker = provenance.stale_marker_path(stage, game, seed, MARKER_TAG)
     return [marker] if marker in STALE else []
 
 
 def record(job_dir, stage):
     """The job's provenance record as a rule output (job_dir may hold the rule's wildcards)."""
-    return f"{job_dir}/{pipeline.PROVENANCE_DIR}/{stage}.json"
+    return f"{job_dir}/{layout.PROVENANCE_DIR}/{stage}.json"
 
 
 RUNS_PER_GPU = P["runs_per_gpu"]
@@ -145,7 +145,7 @@ rule collect:
 
 rule train_world_model:
     input:
-        dataset=lambda w: made_by(pipeline.run_dir(w.game, int(w.seed)) + "/dataset_initial", "collect", w.game, int(w.seed)),
+        dataset=lambda w: made_by(layout.run_dir(w.game, int(w.seed)) + "/dataset_initial", "collect", w.game, int(w.seed)),
         stale=lambda w: stale("train-world-model", w.game, int(w.seed)),
     output:
         checkpoint=RUN + "/world_model.pt",
@@ -168,8 +168,8 @@ rule train_world_model:
 
 rule train_agent:
     input:
-        dataset=lambda w: made_by(pipeline.run_dir(w.game, int(w.seed)) + "/dataset_initial", "collect", w.game, int(w.seed)),
-        world_model=lambda w: made_by(pipeline.run_dir(w.game, int(w.seed)) + "/world_model.pt", "train-world-model", w.game, int(w.seed)),
+        dataset=lambda w: made_by(layout.run_dir(w.game, int(w.seed)) + "/dataset_initial", "collect", w.game, int(w.seed)),
+        world_model=lambda w: made_by(layout.run_dir(w.game, int(w.seed)) + "/world_model.pt", "train-world-model", w.game, int(w.seed)),
         stale=lambda w: stale("train-agent", w.game, int(w.seed)),
     output:
         checkpoint=RUN + "/agent.pt",
@@ -196,8 +196,8 @@ rule train_agent:
 
 rule evaluate:
     input:
-        agent=lambda w: made_by(pipeline.run_dir(w.game, int(w.seed)) + "/agent.pt", "train-agent", w.game, int(w.seed)),
-        dataset=lambda w: made_by(pipeline.run_dir(w.game, int(w.seed)) + "/dataset", "train-agent", w.game, int(w.seed)),
+        agent=lambda w: made_by(layout.run_dir(w.game, int(w.seed)) + "/agent.pt", "train-agent", w.game, int(w.seed)),
+        dataset=lambda w: made_by(layout.run_dir(w.game, int(w.seed)) + "/dataset", "train-agent", w.game, int(w.seed)),
         stale=lambda w: stale("evaluate", w.game, int(w.seed)),
     output:
         score=RUN + "/score.json",
@@ -242,7 +242,7 @@ rule import_released:
 
 rule evaluate_released:
     input:
-        agent=lambda w: made_by(pipeline.released_dir(w.game) + "/agent.pt", "import-released", w.game),
+        agent=lambda w: made_by(layout.released_dir(w.game) + "/agent.pt", "import-released", w.game),
         stale=lambda w: stale("evaluate-released", w.game),
     output:
         score=RELEASED + "/score.json",
@@ -265,7 +265,7 @@ rule evaluate_released:
 
 rule aggregate:
     input:
-        scores=[made_by(path, *job) for path, job in pipeline.score_jobs(P)],
+        scores=[made_by(path, *job) for path, job in layout.score_jobs(P)],
         stale=stale("aggregate"),
     output:
         table="reports/atari100k_table.md",
@@ -273,7 +273,7 @@ rule aggregate:
         tex="reports/atari100k_table.tex",
         json="reports/atari100k_aggregate.json",
         released="reports/released_vs_paper.md",
-        provenance=record(pipeline.REPORTS_DIR, "aggregate"),
+        provenance=record(layout.REPORTS_DIR, "aggregate"),
     log:
         "logs/aggregate.log",
     threads: R["aggregate"]["threads"]
@@ -292,22 +292,22 @@ rule aggregate:
 # command (and its provenance key) from the params file.
 STUDY = P["study"]
 STUDY_JOB = "study/{game}/{variant}-{seed}"
-STUDY_GAMES = pipeline.study_games(P)
+STUDY_GAMES = layout.study_games(P)
 
 
 def study_variant(name):
-    return pipeline.study_variant(P, name)[1]
+    return layout.study_variant(P, name)[1]
 
 
 rule study:
     input:
-        [f"{pipeline.STUDY_REPORTS_DIR}/study_table.md" for _ in STUDY_GAMES],
+        [f"{layout.STUDY_REPORTS_DIR}/study_table.md" for _ in STUDY_GAMES],
 
 
 rule study_variant:
     input:
-        dataset=made_by(STUDY["dataset"], *(pipeline.dataset_producer(P) or [(None, None, None)])[0]),
-        stale=lambda w: stale("study", pipeline.study_job(w.game, w.variant), int(w.seed)),
+        dataset=made_by(STUDY["dataset"], *(layout.dataset_producer(P) or [(None, None, None)])[0]),
+        stale=lambda w: stale("study", layout.study_job(w.game, w.variant), int(w.seed)),
     output:
         checkpoint=STUDY_JOB + "/denoiser.pt",
         errors=STUDY_JOB + "/errors.npz",
@@ -318,7 +318,7 @@ rule study_variant:
     params:
         formulation=lambda w: study_variant(w.variant)["formulation"],
         num_steps=lambda w: study_variant(w.variant)["num_steps"],
-        out_dir=lambda w: pipeline.study_job_dir(w.game, w.variant, int(w.seed)),
+        out_dir=lambda w: layout.study_job_dir(w.game, w.variant, int(w.seed)),
     log:
         "logs/study/{game}-{variant}-{seed}.log",
     threads: R["study"]["threads"]
@@ -333,16 +333,16 @@ rule study_variant:
 rule study_report:
     input:
         # evaluated only when the report is asked for, so only when study.games names a game
-        errors=lambda w: [made_by(pipeline.study_job_dir(g, v, s) + "/errors.npz", "study", pipeline.study_job(g, v), s)
-                          for g, v, s in pipeline.study_jobs(P)],
+        errors=lambda w: [made_by(layout.study_job_dir(g, v, s) + "/errors.npz", "study", layout.study_job(g, v), s)
+                          for g, v, s in layout.study_jobs(P)],
         stale=lambda w: stale("study-report", STUDY_GAMES[0]),
     output:
-        table=pipeline.STUDY_REPORTS_DIR + "/study_table.md",
-        csv=pipeline.STUDY_REPORTS_DIR + "/study_table.csv",
-        json=pipeline.STUDY_REPORTS_DIR + "/study.json",
-        curve=pipeline.STUDY_REPORTS_DIR + "/study_error_vs_horizon.png",
-        frames=pipeline.STUDY_REPORTS_DIR + "/study_frames.png",
-        provenance=record(pipeline.STUDY_REPORTS_DIR, "study-report"),
+        table=layout.STUDY_REPORTS_DIR + "/study_table.md",
+        csv=layout.STUDY_REPORTS_DIR + "/study_table.csv",
+        json=layout.STUDY_REPORTS_DIR + "/study.json",
+        curve=layout.STUDY_REPORTS_DIR + "/study_error_vs_horizon.png",
+        frames=layout.STUDY_REPORTS_DIR + "/study_frames.png",
+        provenance=record(layout.STUDY_REPORTS_DIR, "study-report"),
     params:
         game=lambda w: STUDY_GAMES[0],
     log:
@@ -352,5 +352,5 @@ rule study_report:
         **rule_resources("study_report"),
     shell:
         "{PY} -m stages.study_report --params {PARAMS_FILE} --game {params.game} --jobs-dir study/{params.game} "
-        "--out " + pipeline.STUDY_REPORTS_DIR + " > {log} 2>&1"
+        "--out " + layout.STUDY_REPORTS_DIR + " > {log} 2>&1"
         " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage study-report --game {params.game} --tool snakemake"

@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages import pipeline  # noqa: E402
+from stages import layout, provenance  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -65,11 +65,11 @@ def build_stand_ins(repo: Path) -> int:
     cwd = Path.cwd()
     os.chdir(repo)
     try:
-        params = pipeline.load_raw("params.yaml")
-        jobs = pipeline.all_jobs(params)
+        params = layout.load_raw("params.yaml")
+        jobs = layout.all_jobs(params)
         for stage, game, seed in jobs:
-            base = Path(pipeline.job_dir(stage, game, seed))
-            for name in pipeline.STAGE_OUTPUTS[stage]:
+            base = Path(layout.job_dir(stage, game, seed))
+            for name in layout.STAGE_OUTPUTS[stage]:
                 path = base / name
                 if "." in name:  # a file
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def build_stand_ins(repo: Path) -> int:
                     path.mkdir(parents=True, exist_ok=True)
                     for i in range(3):
                         (path / f"part_{i}.bin").write_bytes(os.urandom(1024))
-            pipeline.record_done("params.yaml", stage, game, seed, "manual")
+            provenance.record_done("params.yaml", stage, game, seed, "manual")
         # aggregate's figures: DVC plots, not in the record
         for plot in yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["aggregate"]["plots"]:
             Path(next(iter(plot))).write_bytes(b"stand-in")
@@ -103,7 +103,7 @@ def main() -> None:
     args = ap.parse_args()
     params = args.params.resolve()
     shown = params.relative_to(ROOT).as_posix() if params.is_relative_to(ROOT) else str(params)
-    result: dict[str, object] = {"params": shown, "runs": len(pipeline.runs(pipeline.load_raw(params)))}
+    result: dict[str, object] = {"params": shown, "runs": len(layout.runs(layout.load_raw(params)))}
     repo = project_copy(args.work, params)
     result["nothing_built"] = measure(repo)
     print("nothing built:", result["nothing_built"], flush=True)

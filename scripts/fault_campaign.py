@@ -53,7 +53,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.pipeline import runs as pipeline_runs  # noqa: E402
+from stages.layout import runs as pipeline_runs  # noqa: E402
 
 STAGES = ["collect", "train-world-model", "train-agent", "evaluate", "aggregate"]
 # Fields that measure the machine's speed, not the result (JSON keys anywhere, CSV columns).

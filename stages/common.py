@@ -72,12 +72,12 @@ def stage_sections(params: Params, stage: str) -> dict[str, Any]:
     return out
 
 
-PROVENANCE_DIR = ".provenance"  # stages/pipeline.py records there which params and code built a job
+PROVENANCE_DIR = ".provenance"  # stages/provenance.py records there which params and code built a job
 
 
 def forget_provenance(job_dir: Path, stage: str) -> None:
     """Called when a stage starts: its outputs in `job_dir` are about to change, so their record
-    goes until `python -m stages.pipeline done` writes the new one (stages/pipeline.py)."""
+    goes until `python -m stages.pipeline done` writes the new one (stages/provenance.py)."""
     (Path(job_dir) / PROVENANCE_DIR / f"{stage}.json").unlink(missing_ok=True)
 
 

@@ -26,7 +26,9 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from stages.tracking import JOURNAL_TAG, PENDING_DIR, retry_locked
+from stages.tracking import JOURNAL_TAG, PENDING_DIR
+
+from stages.tracking_store import retry_locked
 
 BATCH = 500  # MLflow's log_batch accepts up to 1000 metrics, 100 params, 100 tags per call
 

@@ -1,7 +1,7 @@
 """Which params keys each stage reads: declared once, here.
 
 Read by the stages themselves (`stages.common.stage_sections`: what each MLflow run logs and
-hashes), by stages/pipeline.py (the provenance keys that decide what reruns in both tools)
+hashes), by stages/provenance.py (the provenance keys that decide what reruns in both tools)
 and checked against dvc.yaml's `params:` lists by tests/test_pipeline_dvc.py. Standard library
 only: the Snakefile loads it on every invocation.
 """

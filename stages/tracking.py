@@ -1,17 +1,7 @@
-"""MLflow tracking for stage runs (the library in diamond/ knows nothing of MLflow).
-
-One MLflow run per (stage, game, seed). Every run is tagged with what makes it comparable and
-traceable: `stage`, `game`, `seed`, the git commit, a hash of the config sections the stage
-read, the DVC md5 of each input, and a `pipeline_id` shared by all runs of one pipeline
-invocation (search `tags.pipeline_id = '...'` to find them together).
-
-The default store is local: sqlite:///mlflow.db in the working directory. `snakemake -j N`
-runs stages in parallel processes against that one file, so this module makes SQLite safe
-for that: creating the store (schema migrations, the experiment) happens under a file lock
-(unguarded, concurrent first runs fail with "table ... already exists"), writers wait for each
-other (busy timeout) instead of failing with "database is locked", and the calls made here
-retry on a locked database as a last resort.
-MLFLOW_TRACKING_URI points everything at a shared tracking server instead.
+"""MLflow tracking for stage runs (the library in diamond/ knows nothing of MLflow): one MLflow run
+per (stage, game, seed), tagged as stages/run_tags.py says, in the store stages/tracking_store.py
+keeps safe for parallel processes (default sqlite:///mlflow.db in the working directory;
+MLFLOW_TRACKING_URI points everything at a shared tracking server instead).
 
 A server that goes away mid-run loses no training. Stages log through the functions below
 (`log_metrics`, `log_params`, `set_tags`, `log_artifact`, ...), not mlflow's own: the first call
@@ -26,12 +16,8 @@ answers again (stages/mlflow_sync.py); replaying twice duplicates nothing.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
-import sqlite3
-import subprocess
 import sys
 import time
 import urllib.request
@@ -39,22 +25,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import mlflow
-import sqlalchemy
-from sqlalchemy import event
 
-from diamond.config import flatten, params_hash, to_dict
+from diamond.config import flatten, to_dict
+from stages.run_tags import is_dataclass_instance, run_tags
+from stages.tracking_store import create_sqlite_store, retry_locked, store_lock, tracking_uri
 
 EXPERIMENT = "diamond-atari100k"
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-PIPELINE_ID_ENV = "DIAMOND_PIPELINE_ID"
-# How long a writer waits for another process's transaction before giving up (milliseconds).
-SQLITE_BUSY_TIMEOUT_MS = 120_000
-# Retries for the calls made here, on top of the busy timeout (backoff doubles from 0.1 s).
-LOCKED_RETRIES = 8
-INPUT_TAG_PREFIX = "dvc_md5."
 PENDING_DIR = ".mlflow_pending"  # beside a stage's outputs: what a lost server did not get
 JOURNAL_TAG = "diamond.journal_id"  # on a run that `stages.mlflow_sync` had to create
 # MLflow's HTTP client retries a failed request 7 times with a 2 s backoff factor (minutes); a stage
@@ -65,227 +44,6 @@ SERVER_PROBE_SECONDS = 5.0
 BUSY_SERVER_RETRIES = 4
 PENDING_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-T = TypeVar("T")
-
-
-# ---------------------------------------------------------------------------------------
-# SQLite under parallel processes
-# ---------------------------------------------------------------------------------------
-
-
-def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
-    # Wait for another process's write transaction instead of failing after pysqlite's 5 s.
-    # pysqlite begins a transaction only at its first write, so a waiting writer holds no
-    # read lock and SQLite always invokes this wait (it refuses to wait, returning "database
-    # is locked" at once, only for a reader upgrading to a writer, which would deadlock).
-    if isinstance(dbapi_conn, sqlite3.Connection):
-        dbapi_conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-
-
-def _install_sqlite_hardening() -> None:
-    """Apply to every SQLAlchemy engine of this process (MLflow creates its own)."""
-    if not event.contains(sqlalchemy.engine.Engine, "connect", _sqlite_on_connect):
-        event.listen(sqlalchemy.engine.Engine, "connect", _sqlite_on_connect)
-
-
-_install_sqlite_hardening()
-
-
-def is_locked_error(e: BaseException) -> bool:
-    return "database is locked" in str(e) or "database is busy" in str(e)
-
-
-def retry_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call `fn`, retrying with backoff while SQLite reports a locked database."""
-    for attempt in range(LOCKED_RETRIES):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # MLflow wraps the SQLAlchemy error in its own exception types
-            if not is_locked_error(e) or attempt == LOCKED_RETRIES - 1:
-                raise
-            time.sleep(0.1 * 2**attempt)
-    raise AssertionError("unreachable")
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
-
-
-@contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """An exclusive file lock beside a local SQLite store (no-op for servers).
-
-    Held while the store is opened, so that two processes never create the schema or the
-    experiment at the same time; the lock file name matches the `/mlflow.db-*` ignore rule.
-    """
-    path = _sqlite_path(uri)
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}-lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def create_sqlite_store(uri: str) -> None:
-    """Create a local SQLite store atomically: schema built in `<db>-init-<pid>`, then renamed.
-
-    Creating the store runs MLflow's schema migrations, several seconds on a 2-core CPU; a stage
-    killed in the middle (a time limit, a SIGKILL) used to leave a half-migrated mlflow.db that
-    every later stage refused ("Detected out-of-date database schema"). Found by
-    scripts/fault_campaign.py. Call under `store_lock`: an `-init-` file is then a killed creator's
-    and is removed. No-op for servers and existing stores.
-    """
-    path = _sqlite_path(uri)
-    if path is None:
-        return
-    for stale in path.parent.glob(f"{path.name}-init-*"):  # a killed creator's (we hold the lock)
-        stale.unlink(missing_ok=True)
-    if path.exists():
-        return
-    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    tmp = path.with_name(f"{path.name}-init-{os.getpid()}")  # matches the `/mlflow.db-*` ignore rule
-    tmp_uri = f"sqlite:///{tmp}"
-    store = SqlAlchemyStore(tmp_uri, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
-    store.engine.dispose()  # no connection left open on the file being renamed
-    SqlAlchemyStore._engine_map.pop(tmp_uri, None)
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------
-# What identifies a run: commit, pipeline invocation, input hashes
-# ---------------------------------------------------------------------------------------
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return None
-
-
-def git_commit() -> str:
-    return _git("rev-parse", "HEAD") or "unknown"
-
-
-def git_dirty() -> bool:
-    """Uncommitted changes to tracked files; dvc.lock, which `dvc repro` rewrites as it goes,
-    does not count (generated artifacts are gitignored)."""
-    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"))
-
-
-def params_file_from_argv(argv: list[str] | None = None) -> Path:
-    """The params file a stage was started with (`--params PATH`, default params.yaml)."""
-    argv = sys.argv if argv is None else argv
-    for i, a in enumerate(argv):
-        if a == "--params" and i + 1 < len(argv):
-            return Path(argv[i + 1])
-        if a.startswith("--params="):
-            return Path(a.split("=", 1)[1])
-    return Path("params.yaml")
-
-
-def pipeline_id(params_file: Path | None = None) -> str:
-    """The id shared by all stage runs of one pipeline invocation.
-
-    Snakemake sets DIAMOND_PIPELINE_ID once per invocation; users may set it too. Without it
-    (`dvc repro`), runs of the same commit and the same params file share one id.
-    """
-    explicit = os.environ.get(PIPELINE_ID_ENV)
-    if explicit:
-        return explicit
-    path = params_file or params_file_from_argv()
-    digest = hashlib.md5(path.read_bytes()).hexdigest()[:10] if path.is_file() else "noparams"
-    return f"{git_commit()[:10]}-{digest}"
-
-
-def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def dvc_md5(path: str | Path) -> str:
-    """The md5 DVC 3 records for `path` in dvc.lock: the file's md5, or for a directory the
-    md5 of its sorted (relpath, md5) listing as JSON, suffixed `.dir`."""
-    path = Path(path)
-    if path.is_file():
-        return file_md5(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: input not found")
-    entries = [
-        {"md5": file_md5(p), "relpath": p.relative_to(path).as_posix()}
-        for p in path.rglob("*")
-        if p.is_file()
-    ]
-    entries.sort(key=lambda e: e["relpath"])
-    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
-    return hashlib.md5(listing).hexdigest() + ".dir"
-
-
-def input_tag_key(path: str | Path) -> str:
-    """A valid MLflow tag key naming an input: its path relative to the working directory."""
-    p = Path(path)
-    try:
-        rel = p.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        rel = "/".join(p.resolve().parts[-2:])
-    return INPUT_TAG_PREFIX + rel
-
-
-def params_hash_of(sections: dict[str, Any]) -> str:
-    parts = {k: (params_hash(v) if _is_dataclass(v) else v) for k, v in sections.items()}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _is_dataclass(v: Any) -> bool:
-    return hasattr(v, "__dataclass_fields__")
-
-
-def run_tags(
-    stage: str,
-    sections: dict[str, Any],
-    game: str | None,
-    seed: int | None,
-    inputs: list[Path] | None,
-    params_file: Path | None = None,
-) -> dict[str, str]:
-    commit = git_commit()
-    tags = {
-        "stage": stage,
-        "git_commit": commit,
-        "git_dirty": str(git_dirty()).lower(),
-        "mlflow.source.git.commit": commit,  # shown by the MLflow UI
-        "params_hash": params_hash_of(sections),
-        "params_sections": ",".join(sorted(sections)),
-        "pipeline_id": pipeline_id(params_file),
-    }
-    if game is not None:
-        tags.update(game=game, seed=str(seed), run=f"{game}-{seed}")
-    for path in inputs or []:
-        tags[input_tag_key(path)] = dvc_md5(path)
-    return tags
-
-
-# ---------------------------------------------------------------------------------------
-# The stage run
-# ---------------------------------------------------------------------------------------
 
 
 def is_remote(uri: str) -> bool:
@@ -455,7 +213,7 @@ def stage_run(
     _ACTIVE = tracker
     status = "FAILED"
     try:
-        logged = {k: to_dict(v) if _is_dataclass(v) else v for k, v in sections.items()}
+        logged = {k: to_dict(v) if is_dataclass_instance(v) else v for k, v in sections.items()}
         log_params(flatten(logged))
         yield run
         status = "FINISHED"

@@ -36,7 +36,8 @@ from diamond.training import Trainer, apply_speed_switches
 from diamond.world_model import load_world_model, world_model_state
 from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
-from stages.tracking import dvc_md5, stage_run
+from stages.run_tags import dvc_md5
+from stages.tracking import stage_run
 
 def sections(p: Params) -> dict:
     """The config this stage reads (and whose hash decides whether a saved state may resume)."""

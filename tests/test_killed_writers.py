@@ -55,10 +55,10 @@ def test_a_killed_directory_write_is_cleaned_by_the_next(tmp_path: Path) -> None
 def test_a_store_killed_during_its_creation_is_not_left_half_migrated(tmp_path: Path) -> None:
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
-    code = f"from stages.tracking import create_sqlite_store, store_lock\nwith store_lock({uri!r}): create_sqlite_store({uri!r})"
+    code = f"from stages.tracking_store import create_sqlite_store, store_lock\nwith store_lock({uri!r}): create_sqlite_store({uri!r})"
     # killed 1 s into the migrations (they take several seconds)
     _killed_when(code, lambda: db.exists() or any(tmp_path.glob("mlflow.db-init-*")), delay=1.0)
-    from stages.tracking import create_sqlite_store
+    from stages.tracking_store import create_sqlite_store
 
     create_sqlite_store(uri)  # as the next stage does (under the store lock)
     assert [e.name for e in MlflowClient(tracking_uri=uri).search_experiments()] == ["Default"]

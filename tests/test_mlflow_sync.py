@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from stages import mlflow_sync, tracking
+from stages import mlflow_sync, tracking, tracking_store
 
 
 def test_upload_creates_the_lost_run_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,7 +31,7 @@ def test_upload_creates_the_lost_run_once(tmp_path: Path, monkeypatch: pytest.Mo
         journal.append(record)
     path = journal.journal
     assert path == tmp_path / ".mlflow_pending" / "collect-0123abcd4567.jsonl"
-    tracking.create_sqlite_store(uri)
+    tracking_store.create_sqlite_store(uri)
 
     def only_run():
         client = MlflowClient(tracking_uri=uri)

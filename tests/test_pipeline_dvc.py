@@ -13,7 +13,8 @@ import yaml
 from conftest import ROOT
 from pipeline_repo import (STAGES, commit_all, dvc_stages_run, git, make_repo, mlflow_runs, pipeline_params,
                            run_tool, set_param)
-from stages.pipeline import STAGE_DATA, STAGE_PARAMS, stage_code_files
+from stages.layout import STAGE_DATA, code_files, stage_code_files
+from stages.stage_params import STAGE_PARAMS
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 RUN = "runs/Breakout-0"
@@ -47,8 +48,8 @@ def test_declared_code_deps_are_the_stage_imports(stage: str) -> None:
     deps = [_path(d) for d in stage_def(stage)["deps"] if not _path(d).startswith(("runs", "${study.dataset}", "study/"))]
     expected = stage_code_files(stage) + STAGE_DATA.get(stage, [])
     if stage == "aggregate":
-        expected.append("stages/pipeline.py")  # its command lists the score files
-    assert sorted(deps) == sorted(expected)
+        expected += code_files("stages.pipeline")  # its command lists the score files
+    assert sorted(deps) == sorted(set(expected))
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_PARAMS))
@@ -57,7 +58,7 @@ def test_stages_log_the_params_they_declare(stage: str) -> None:
     from conftest import tiny_params_dict
     from diamond.config import params_from_dict
     from stages.common import stage_sections
-    from stages.tracking import params_hash_of
+    from stages.run_tags import params_hash_of
 
     sections = stage_sections(params_from_dict(tiny_params_dict()), stage)
     assert set(sections) == {k.split(".")[0] for k in STAGE_PARAMS[stage]}
@@ -66,7 +67,8 @@ def test_stages_log_the_params_they_declare(stage: str) -> None:
 
 # Modules of the tables, figures and reference scores: editing them must not rerun training.
 REPORTING_MODULES = {"diamond/scores.py", "diamond/metrics.py", "diamond/report.py", "diamond/released_report.py",
-                     "diamond/study_report.py", "stages/aggregate.py", "stages/study_report.py", "stages/pipeline.py"}
+                     "diamond/study_report.py", "stages/aggregate.py", "stages/study_report.py", "stages/pipeline.py",
+                     "stages/layout.py", "stages/provenance.py"}
 
 
 @pytest.mark.parametrize("stage", ["collect", "train-world-model", "train-agent"])

@@ -1,5 +1,5 @@
 """Neither pipeline tool takes the other's outputs for up to date when other params or code built
-them (stages/pipeline.py, "Provenance"). Real `dvc` and `snakemake` runs in temporary git repos."""
+them (stages/provenance.py). Real `dvc` and `snakemake` runs in temporary git repos."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from pipeline_repo import dvc_stages_run, make_repo, pipeline_params, run_tool, set_param
-from stages.pipeline import all_jobs, stage_key
+from stages.layout import all_jobs
+from stages.provenance import stage_key
 from test_pipeline_snakemake import RULES, dry_run
 
 JOBS = {r: 1 for r in RULES}

@@ -1,7 +1,7 @@
 """Results moved between machines stay current (README, "Sharing results"): made by `dvc repro` or
 by `snakemake`, pushed to a DVC remote, pulled into a fresh clone, neither tool reruns anything;
 a params or code change reruns exactly what reads it; a half-restored run reruns that job and
-what follows it; file times play no part (stages/pipeline.py, "Provenance"). Real `git`, `dvc`
+what follows it; file times play no part (stages/provenance.py). Real `git`, `dvc`
 (a local directory remote) and `snakemake` in temporary repos."""
 
 from __future__ import annotations

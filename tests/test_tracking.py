@@ -15,7 +15,7 @@ import yaml
 from mlflow import MlflowClient
 
 from diamond.config import params_from_dict
-from stages import tracking
+from stages import run_tags, tracking, tracking_store
 from conftest import ROOT, tiny_params_dict, write_params
 
 VENV_BIN = Path(sys.executable).parent
@@ -38,7 +38,7 @@ def store(empty_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     shutil.copyfile(empty_store, path)
     uri = f"sqlite:///{path}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv(tracking.PIPELINE_ID_ENV, raising=False)
+    monkeypatch.delenv(run_tags.PIPELINE_ID_ENV, raising=False)
     return uri
 
 
@@ -81,41 +81,41 @@ def test_stage_run_tags_params_and_input_hashes(store: str, tmp_path: Path, monk
     assert (t["stage"], t["game"], t["seed"], t["run"]) == ("collect", "Breakout", "3", "Breakout-3")
     assert t["git_commit"] == commit == t["mlflow.source.git.commit"]
     assert t["git_dirty"] == "false"  # params.yaml and data are untracked, not changes
-    assert t["params_hash"] == tracking.params_hash_of(sections)
+    assert t["params_hash"] == run_tags.params_hash_of(sections)
     assert t["params_sections"] == "collect,env"
-    assert t["pipeline_id"] == tracking.pipeline_id(Path("params.yaml"))
+    assert t["pipeline_id"] == run_tags.pipeline_id(Path("params.yaml"))
     assert t["pipeline_id"].startswith(commit[:10])
-    assert t["dvc_md5.data"] == tracking.dvc_md5("data") and t["dvc_md5.data"].endswith(".dir")
-    assert t["dvc_md5.model.pt"] == tracking.file_md5(Path("model.pt"))
+    assert t["dvc_md5.data"] == run_tags.dvc_md5("data") and t["dvc_md5.data"].endswith(".dir")
+    assert t["dvc_md5.model.pt"] == run_tags.file_md5(Path("model.pt"))
     assert run.data.params["env.frame_skip"] == str(params.env.frame_skip)
     assert run.data.params["collect.min_steps"] == str(params.collect.min_steps)
     assert run.data.metrics["steps"] == 5.0
 
 
 def test_params_hash_changes_with_what_the_stage_reads(tiny_params) -> None:
-    a = tracking.params_hash_of({"env": tiny_params.env})
+    a = run_tags.params_hash_of({"env": tiny_params.env})
     d = tiny_params_dict()
     d["env"]["max_noops"] += 1
-    assert tracking.params_hash_of({"env": params_from_dict(d).env}) != a
+    assert run_tags.params_hash_of({"env": params_from_dict(d).env}) != a
     d = tiny_params_dict()
     d["collect"]["min_steps"] += 1  # a section the stage does not read
-    assert tracking.params_hash_of({"env": params_from_dict(d).env}) == a
+    assert run_tags.params_hash_of({"env": params_from_dict(d).env}) == a
 
 
 def test_pipeline_id_shared_by_commit_and_params_overridden_by_env(tmp_path: Path, monkeypatch) -> None:
     git_repo(tmp_path)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(tracking.PIPELINE_ID_ENV, raising=False)
+    monkeypatch.delenv(run_tags.PIPELINE_ID_ENV, raising=False)
     p = write_params(tmp_path / "params.yaml", tiny_params_dict())
-    first = tracking.pipeline_id(p)
-    assert tracking.pipeline_id(p) == first
-    assert tracking.pipeline_id(None) == first  # default: params.yaml in the working directory
+    first = run_tags.pipeline_id(p)
+    assert run_tags.pipeline_id(p) == first
+    assert run_tags.pipeline_id(None) == first  # default: params.yaml in the working directory
     d = tiny_params_dict()
     d["evaluate"]["episodes"] = 7
     write_params(p, d)
-    assert tracking.pipeline_id(p) != first
-    monkeypatch.setenv(tracking.PIPELINE_ID_ENV, "sweep-42")
-    assert tracking.pipeline_id(p) == "sweep-42"
+    assert run_tags.pipeline_id(p) != first
+    monkeypatch.setenv(run_tags.PIPELINE_ID_ENV, "sweep-42")
+    assert run_tags.pipeline_id(p) == "sweep-42"
 
 
 def test_git_dirty_ignores_dvc_lock_but_not_source_changes(tmp_path: Path, monkeypatch) -> None:
@@ -125,15 +125,15 @@ def test_git_dirty_ignores_dvc_lock_but_not_source_changes(tmp_path: Path, monke
     subprocess.run(["git", "add", "dvc.lock"], check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], check=True)
     (tmp_path / "dvc.lock").write_text("b\n")  # what `dvc repro` does between stages
-    assert not tracking.git_dirty()
+    assert not run_tags.git_dirty()
     (tmp_path / "README").write_text("edited\n")
-    assert tracking.git_dirty()
+    assert run_tags.git_dirty()
 
 
 def test_params_file_is_read_from_the_stage_arguments() -> None:
-    assert tracking.params_file_from_argv(["x", "--game", "Pong", "--params", "cfg/p.yaml"]) == Path("cfg/p.yaml")
-    assert tracking.params_file_from_argv(["x", "--params=q.yaml"]) == Path("q.yaml")
-    assert tracking.params_file_from_argv(["x"]) == Path("params.yaml")
+    assert run_tags.params_file_from_argv(["x", "--game", "Pong", "--params", "cfg/p.yaml"]) == Path("cfg/p.yaml")
+    assert run_tags.params_file_from_argv(["x", "--params=q.yaml"]) == Path("q.yaml")
+    assert run_tags.params_file_from_argv(["x"]) == Path("params.yaml")
 
 
 def test_dvc_md5_equals_what_dvc_records(tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_dvc_md5_equals_what_dvc_records(tmp_path: Path) -> None:
     subprocess.run([dvc, "add", "-q", "d", "f.bin"], cwd=repo, check=True)
     for name in ("d", "f.bin"):
         recorded = yaml.safe_load((repo / f"{name}.dvc").read_text())["outs"][0]["md5"]
-        assert tracking.dvc_md5(repo / name) == recorded, name
+        assert run_tags.dvc_md5(repo / name) == recorded, name
 
 
 def test_stage_run_marks_a_failed_stage_failed(store: str, tmp_path: Path, monkeypatch) -> None:
@@ -165,7 +165,7 @@ def test_stage_run_marks_a_failed_stage_failed(store: str, tmp_path: Path, monke
 def test_default_store_is_local_sqlite_and_env_var_overrides(empty_store: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri() == "sqlite:///mlflow.db"
+    assert tracking_store.tracking_uri() == "sqlite:///mlflow.db"
     other = tmp_path / "elsewhere" / "store.db"
     other.parent.mkdir()
     shutil.copyfile(empty_store, other)
