@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from diamond.agent_checkpoint import read_agent_checkpoint
-from diamond.allocator import cap_gpu_memory, reuse_freed_memory
 from diamond.data import Episode, EpisodeStore, SegmentSampler
 from diamond.env import num_actions
 from diamond.evaluation import agent_test_returns, imagined_frames
@@ -44,7 +43,8 @@ from diamond.seeds import EVALUATE_IMAGINATION, EVALUATE_TEST_EPISODES, derived_
 from diamond.training import apply_speed_switches
 from diamond.world_model import load_world_model
 from stages import tracking
-from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
+from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
+from stages.compute import compute_setup
 from stages.tracking import stage_run
 
 @contextmanager
@@ -71,9 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     p = load_checked_params(args)
     forget_provenance(args.out_score.parent, "evaluate-released" if args.released else "evaluate")
-    device = resolve_device(p)
-    allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
-    gpu_share = cap_gpu_memory(device, p.runs_per_gpu)  # runs_per_gpu is no rerun key: results do not change
+    device, memory_tags = compute_setup(p)
     game, seed, ev = args.game, args.seed, p.evaluate
     method = p.released.method_name if args.released else p.aggregate.method_name
     agent = read_agent_checkpoint(args.agent, game)
@@ -82,8 +80,7 @@ def main() -> None:
     sections = stage_sections(p, "evaluate-released" if args.released else "evaluate")
     with stage_run("evaluate", sections=sections, game=game, seed=seed, inputs=[a for a in (args.agent, args.dataset) if a],
                    job_dir=args.out_score.parent):
-        tracking.set_tag("reuse_freed_memory_in_force", allocator_reuse)
-        tracking.set_tag("gpu_memory_fraction", gpu_share)
+        tracking.set_tags(memory_tags)
         if "imported_from" in agent:
             tracking.set_tags({f"imported_from.{k}": v for k, v in agent["imported_from"].items()})
         torch.manual_seed(derived_seed(seed, EVALUATE_IMAGINATION))

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from diamond.allocator import cap_gpu_memory, reuse_freed_memory
 from diamond.config import Params, StudyVariant, to_dict
 from diamond.data import EpisodeStore
 from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
@@ -28,7 +27,8 @@ from diamond.study import (EpisodeSubset, errors_npz, heldout_split, horizon_sum
 from diamond.training import apply_speed_switches
 from diamond.world_model import make_sampler
 from stages import tracking
-from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
+from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
+from stages.compute import compute_setup
 from stages.tracking import stage_run
 
 LOG_POINTS = 50  # loss points logged to MLflow per training run
@@ -52,9 +52,7 @@ def run(args: Any, p: Params) -> None:
     variant = StudyVariant(args.variant, args.formulation, args.num_steps)
     cfg = variant_config(p.world_model, variant)  # one-line error for a bad variant
     forget_provenance(args.out_dir, "study")
-    device = resolve_device(p)
-    allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
-    gpu_share = cap_gpu_memory(device, p.runs_per_gpu)  # runs_per_gpu is no rerun key: results do not change
+    device, memory_tags = compute_setup(p)
     dataset = Path(s.dataset)
     store = open_dataset(dataset, game)
     context = cfg.denoiser.num_conditioning_frames
@@ -73,8 +71,7 @@ def run(args: Any, p: Params) -> None:
     with stage_run("study", sections=stage_sections(p, "study"), game=game, seed=seed, inputs=[dataset], job_dir=args.out_dir):
         # runs of one variant group together in the UI (Group by > tags > study_variant)
         tracking.set_tags({"study_variant": variant.name, "study_formulation": variant.formulation,
-                         "study_num_steps": str(variant.num_steps), "mlflow.runName": f"study/{game}-{variant.name}-{seed}",
-                         "reuse_freed_memory_in_force": str(allocator_reuse), "gpu_memory_fraction": str(gpu_share)})
+                         "study_num_steps": str(variant.num_steps), "mlflow.runName": f"study/{game}-{variant.name}-{seed}", **memory_tags})
         start = time.perf_counter()
         denoiser = train_denoiser(cfg, EpisodeSubset(store, train_idx), store.num_actions, s.denoiser_steps, seed,
                                   device, prepare, on_step)

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from diamond.agent_checkpoint import agent_checkpoint, read_agent_checkpoint
-from diamond.allocator import cap_gpu_memory, reuse_freed_memory
 from diamond.config import Params, to_dict
 from diamond.data import EpisodeStore
 from diamond.env import num_actions
@@ -35,7 +34,8 @@ from diamond.seeds import AGENT_POLICY, AGENT_SEGMENTS, AGENT_TORCH, derived_see
 from diamond.training import Trainer, apply_speed_switches
 from diamond.world_model import load_world_model, world_model_state
 from stages import tracking
-from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
+from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
+from stages.compute import compute_setup
 from stages.run_tags import dvc_md5
 from stages.tracking import stage_run
 
@@ -130,9 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     p = load_checked_params(args)
     forget_provenance(args.out_checkpoint.parent, "train-agent")
-    device = resolve_device(p)
-    allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
-    gpu_share = cap_gpu_memory(device, p.runs_per_gpu)  # runs_per_gpu is no rerun key: results do not change
+    device, memory_tags = compute_setup(p)
     for path in (args.dataset, args.world_model, args.init_agent):
         if path is not None and not path.exists():
             raise ArtifactError(f"{path}: input not found")
@@ -140,8 +138,7 @@ def main() -> None:
     with stage_run("train-agent", sections=sections(p), game=args.game, seed=args.seed,
                    inputs=[args.dataset, args.world_model] + ([args.init_agent] if args.init_agent else []),
                    job_dir=args.out_checkpoint.parent):
-        tracking.set_tag("reuse_freed_memory_in_force", allocator_reuse)
-        tracking.set_tag("gpu_memory_fraction", gpu_share)
+        tracking.set_tags(memory_tags)
         run, how = start_or_resume(p, args, key, device)
         print(f"train-agent {args.game}-{args.seed}: {how}", flush=True)
         tracking.set_tag("resume", how)

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from diamond.allocator import cap_gpu_memory, reuse_freed_memory
 from diamond.config import Params
 from diamond.data import EpisodeStore
 from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
@@ -31,7 +30,8 @@ from diamond.seeds import WORLD_MODEL_FIDELITY, derived_seed
 from diamond.training import apply_speed_switches
 from diamond.world_model_loop import start_or_resume, train
 from stages import tracking
-from stages.common import base_parser, forget_provenance, load_checked_params, resolve_device, run_main, stage_sections
+from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
+from stages.compute import compute_setup
 from stages.tracking import stage_run
 
 GIF_NAME = "imagination.gif"
@@ -40,9 +40,7 @@ GIF_NAME = "imagination.gif"
 def run(args: Any, p: Params) -> None:
     c, game, seed = p.world_model, args.game, args.seed
     forget_provenance(args.out_checkpoint.parent, "train-world-model")
-    device = resolve_device(p)
-    allocator_reuse = reuse_freed_memory(p.reuse_freed_memory)
-    gpu_share = cap_gpu_memory(device, p.runs_per_gpu)  # runs_per_gpu is no rerun key: results do not change
+    device, memory_tags = compute_setup(p)
     if not args.dataset.is_dir():
         raise ArtifactError(f"{args.dataset}: dataset not found (run the collect stage first)")
     store = EpisodeStore(args.dataset)
@@ -67,8 +65,7 @@ def run(args: Any, p: Params) -> None:
 
     with stage_run("train-world-model", sections=stage_sections(p, "train-world-model"), game=game, seed=seed,
                    inputs=[args.dataset], job_dir=args.out_checkpoint.parent):
-        tracking.set_tag("reuse_freed_memory_in_force", allocator_reuse)
-        tracking.set_tag("gpu_memory_fraction", gpu_share)
+        tracking.set_tags(memory_tags)
         tracking.log_params({"resumed_from_denoiser_step": wm.denoiser_steps, "resumed_from_reward_end_step": wm.reward_end_steps})
         for name, n in wm.num_parameters().items():
             tracking.log_param(f"num_parameters_{name}", n)
