@@ -134,3 +134,39 @@ def test_architectures_the_official_code_cannot_express_are_refused(tmp_path: Pa
     with pytest.raises(ArtifactError, match=r"formulation is 'ddpm' \(official: 'edm'\)$"):
         export(agent, tmp_path / "G.pt", None)
     assert not (tmp_path / "G.pt").exists()
+
+
+def test_the_official_code_loaded_an_export_strictly_and_gave_our_outputs() -> None:
+    """export_io.pt (fixture README): the official Agent loaded an export of these weights strictly
+    and computed these outputs; our export of the same weights holds the same tensors under the
+    same keys, and our networks give the same outputs."""
+    from diamond.official_export import to_official
+    from test_official_parity import fixture_params
+
+    fixture = torch.load(FIXTURE / "export_io.pt", weights_only=True)
+    io = torch.load(FIXTURE / "tiny_io.pt", weights_only=True)
+    p = fixture_params()
+    models = (build_world_model(p.world_model, 3, p.env.obs_size, torch.device("cpu")), ActorCritic(p.actor_critic, 3, p.env.obs_size))
+    denoiser, reward_end, ac = models[0].denoiser, models[0].reward_end, models[1]
+    g = torch.Generator().manual_seed(fixture["weights_seed"])
+    with torch.no_grad():
+        for m in (denoiser, reward_end, ac):
+            for v in m.state_dict().values():  # every tensor, in our order (the fixture's recipe)
+                v.copy_(fixture["weights_scale"] * torch.randn(v.shape, generator=g))
+            m.eval()
+        state = to_official({"denoiser": denoiser.state_dict(), "reward_end": reward_end.state_dict(), "actor_critic": ac.state_dict()})
+        assert list(state) == fixture["official_keys"]
+        sums = torch.tensor([float(v.double().sum()) for v in state.values()], dtype=torch.float64)
+        assert torch.equal(sums, fixture["official_sums"])
+        for w in "ab":
+            denoised = denoiser.denoise(io[f"den_noisy_next_obs_{w}"], io[f"den_sigma_{w}"], io["den_obs"], io["den_act"])
+            torch.testing.assert_close(denoised, fixture[f"den_denoised_{w}"], atol=1e-5, rtol=0)
+        rew, end, (hx, cx) = reward_end(io["re_obs"], io["re_act"], io["re_next_obs"])
+        for name, ours in (("re_logits_rew", rew), ("re_logits_end", end), ("re_hx", hx), ("re_cx", cx)):
+            torch.testing.assert_close(ours, fixture[name], atol=1e-5, rtol=0)
+        hidden, logits = ac.initial_state(2, "cpu"), []
+        for t in range(io["ac_obs"].shape[1]):
+            lo, _, hidden = ac(io["ac_obs"][:, t], hidden)
+            logits.append(lo)
+    torch.testing.assert_close(torch.stack(logits, 1), fixture["ac_logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden[0], fixture["ac_hx"], atol=1e-5, rtol=0)
