@@ -13,15 +13,17 @@ import torch
 import yaml
 
 from agent_helpers import agent_params_dict, agent_paths, prepare_run, run_stage, stage_env
-from conftest import ROOT, tiny_params_dict, write_params
+from conftest import ROOT, tiny_params_dict
 from diamond.agent_checkpoint import agent_checkpoint, read_agent_checkpoint
 from diamond.config import Params, load_params, params_from_dict, to_dict
 from diamond.io import ArtifactError, atomic_save_torch
 from diamond.models.actor_critic import ActorCritic
+from diamond.official_export import to_official
 from diamond.world_model import build_world_model, world_model_state
 from stages.export_official import export
+from stages.import_official import convert, read_official
 from test_import_official import OFFICIAL, import_official, one_line_error
-from test_official_parity import FIXTURE, fixture_params_dict
+from test_official_parity import FIXTURE, fixture_params
 
 
 def export_official(tmp: Path, agent: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -56,11 +58,10 @@ def official_tiny_params_dict() -> dict:
 
 
 def test_import_then_export_gives_back_the_official_file(tmp_path: Path) -> None:
-    """tiny_agent.pt (made by the official code) -> import-official -> export-official: the same
-    keys in the same order and bit-identical tensors."""
-    params = write_params(tmp_path / "params.yaml", fixture_params_dict())
-    done = import_official(tmp_path, params, OFFICIAL)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """tiny_agent.pt (made by the official code) -> import-official's conversion -> the
+    export-official command: the same keys in the same order and bit-identical tensors."""
+    convert(fixture_params(), "Freeway", 0, read_official(OFFICIAL, "Freeway"), tmp_path / "world_model.pt",
+            tmp_path / "agent.pt", {"path": str(OFFICIAL)})
     done = export_official(tmp_path, tmp_path / "agent.pt", tmp_path / "G.pt", "--out-config", str(tmp_path / "G.yaml"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "export-official Freeway" in done.stdout and "228 tensors" in done.stdout
@@ -115,8 +116,10 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path: Path) -> Non
     one_line_error(export_official(tmp_path, OFFICIAL, out), "tiny_agent.pt: not an agent checkpoint of format")
     truncated = tmp_path / "agent.pt"
     truncated.write_bytes(OFFICIAL.read_bytes()[:5000])
-    one_line_error(export_official(tmp_path, truncated, out), "agent.pt: corrupt or truncated checkpoint")
-    one_line_error(export_official(tmp_path, tmp_path / "missing.pt", out), "missing.pt: checkpoint not found")
+    with pytest.raises(ArtifactError, match="agent.pt: corrupt or truncated checkpoint"):
+        export(truncated, out, None)
+    with pytest.raises(ArtifactError, match="missing.pt: checkpoint not found"):
+        export(tmp_path / "missing.pt", out, None)
     assert not out.exists() and not list(tmp_path.glob(".G.pt.*"))
 
 
@@ -140,9 +143,6 @@ def test_the_official_code_loaded_an_export_strictly_and_gave_our_outputs() -> N
     """export_io.pt (fixture README): the official Agent loaded an export of these weights strictly
     and computed these outputs; our export of the same weights holds the same tensors under the
     same keys, and our networks give the same outputs."""
-    from diamond.official_export import to_official
-    from test_official_parity import fixture_params
-
     fixture = torch.load(FIXTURE / "export_io.pt", weights_only=True)
     io = torch.load(FIXTURE / "tiny_io.pt", weights_only=True)
     p = fixture_params()
