@@ -9,9 +9,11 @@ Written by `train-agent` (and by `stages/import_official.py` from official weigh
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
+from diamond.config import ConfigError, Params, params_from_dict
 from diamond.io import ArtifactError, load_torch
 
 AGENT_CHECKPOINT_FORMAT = "diamond-agent/2"  # /2: the official module tree (docs/official-parity.md)
@@ -27,8 +29,8 @@ def agent_checkpoint(
     }
 
 
-def read_agent_checkpoint(path: str | Path, game: str) -> dict[str, Any]:
-    """Load an agent checkpoint of this code's format for `game` (else a one-line error)."""
+def read_agent_checkpoint(path: str | Path, game: str | None) -> dict[str, Any]:
+    """Load an agent checkpoint of this code's format for `game` (any game with None), else a one-line error."""
     ckpt = load_torch(path)
     found = ckpt.get("format") if isinstance(ckpt, dict) else None
     if found != AGENT_CHECKPOINT_FORMAT:
@@ -36,6 +38,16 @@ def read_agent_checkpoint(path: str | Path, game: str) -> dict[str, Any]:
             f"{path}: not an agent checkpoint of format {AGENT_CHECKPOINT_FORMAT!r} (found {found!r}); "
             "retrain it with this code, or import official weights with stages.import_official"
         )
-    if ckpt.get("game") != game:
+    if game is not None and ckpt.get("game") != game:
         raise ArtifactError(f"{path}: agent was trained on {ckpt.get('game')!r}, not --game {game!r}")
     return ckpt
+
+
+def checkpoint_params(path: str | Path, saved: dict) -> Params:
+    """The params an agent checkpoint was written with (to_dict of Params, derived keys included)."""
+    data = copy.deepcopy(saved)
+    data.get("world_model", {}).get("reward_end", {}).pop("segment_length", None)  # derived, not a key
+    try:
+        return params_from_dict(data)
+    except ConfigError as e:
+        raise ArtifactError(f"{path}: its params do not load with this code ({e})") from None

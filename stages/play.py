@@ -16,15 +16,14 @@ It prints the URL (127.0.0.1 and a free port unless --host/--port) and serves un
 from __future__ import annotations
 
 import argparse
-import copy
 import errno
 import time
 from pathlib import Path
 
 import torch
 
-from diamond.agent_checkpoint import AGENT_CHECKPOINT_FORMAT
-from diamond.config import ConfigError, Params, load_params, params_from_dict
+from diamond.agent_checkpoint import AGENT_CHECKPOINT_FORMAT, checkpoint_params
+from diamond.config import ConfigError, Params, load_params
 from diamond.data import EpisodeStore
 from diamond.env import check_game, num_actions
 from diamond.io import ArtifactError, load_torch
@@ -68,16 +67,6 @@ def game_of(args: argparse.Namespace, found: str | None) -> str:
         raise ArtifactError(f"{args.agent}: agent was trained on {found!r}, not --game {args.game!r}")
     check_game(game)
     return game
-
-
-def checkpoint_params(path: Path, saved: dict) -> Params:
-    """The params an agent checkpoint was written with (to_dict of Params, derived keys included)."""
-    data = copy.deepcopy(saved)
-    data.get("world_model", {}).get("reward_end", {}).pop("segment_length", None)  # derived, not a key
-    try:
-        return params_from_dict(data)
-    except ConfigError as e:
-        raise ArtifactError(f"{path}: its params do not load with this code ({e})") from None
 
 
 def load_models(args: argparse.Namespace, device: torch.device) -> tuple[str, Params, WorldModel, ActorCritic | None]:
