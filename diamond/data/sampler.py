@@ -23,13 +23,12 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from diamond.config import SEGMENT_ENDS, SEGMENT_FRAMES, DenoiserConfig, RewardEndConfig
 from diamond.data.episode import Episode
 from diamond.data.store import EpisodeStore
 from diamond.frames import to_float
 
 RECENCY_WEIGHTS = (0.1, 0.1, 0.1, 0.7)
-SEGMENT_ENDS = ("uniform", "clipped")
-SEGMENT_FRAMES = ("with_final", "without_final")
 
 
 @dataclass(frozen=True)
@@ -81,6 +80,21 @@ class Placement:
 
 
 OURS = Placement()
+
+
+def denoiser_placement(c: DenoiserConfig) -> Placement:
+    """D's training segments and the imagination starts (world_model.denoiser.segment_end,
+    segment_frames)."""
+    return Placement(end=c.segment_end, frames=c.segment_frames)
+
+
+def reward_end_placement(c: RewardEndConfig) -> tuple[Placement, int]:
+    """R's placement and steps per segment: the official window holds segment_length frames
+    (src/trainer.py:161-162, seq_length), so segment_length - 1 transitions; ours
+    segment_length transitions."""
+    if c.segment_window == "both_sides":
+        return Placement(both_sides=True), c.segment_length - 1
+    return OURS, c.segment_length
 
 
 @dataclass
