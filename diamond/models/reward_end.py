@@ -143,14 +143,14 @@ class RewardEndModel(nn.Module):
 
         With `segment_window` "both_sides" (R's official window, diamond/data/sampler.py
         Placement), as official src/models/rew_end_model.py:57-69: a step is learnt where its frame
-        is real, and its next frame is grey padding past the last real frame unless the step
-        terminated (the final frame, official `final_observation`)."""
+        is real; past the last real frame the frames are grey padding, except the final frame after
+        a termination (official `final_observation`, written into the segment's frames, so also the
+        input of the next, masked, step)."""
         if self.cfg.segment_window == "both_sides":
-            mask = seg.mask[:, :-1]
-            next_mask = (seg.mask[:, 1:] | seg.terminated)[:, :, None, None, None]
-            obs = seg.obs[:, :-1] * seg.mask[:, :-1, None, None, None]
-            logits_rew, logits_end, _ = self(obs, seg.act, seg.obs[:, 1:] * next_mask)
-            return self._loss(seg, mask, logits_rew, logits_end)
+            after_end = F.pad(seg.terminated, (1, 0))  # (B, L+1): the frame right after a termination
+            obs = seg.obs * (seg.mask | after_end)[:, :, None, None, None]
+            logits_rew, logits_end, _ = self(obs[:, :-1], seg.act, obs[:, 1:])
+            return self._loss(seg, seg.mask[:, :-1], logits_rew, logits_end)
         mask = seg.mask[:, :-1] & seg.mask[:, 1:]
         frame_mask = seg.mask[:, :, None, None, None]
         obs = seg.obs * frame_mask  # padding before the episode start becomes zeros
