@@ -164,3 +164,19 @@ def test_reward_end_sees_the_official_inputs_and_loss_mask(store, tiny_params):
             assert [-1 if f is None else f[1] for f in decode(values)] == o[f"rew_end_{name}_index"], (key, name)
         checked.add(key)
     assert len(checked) > 0.9 * len(reference)  # nearly every official outcome was seen
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("denoiser", "segment_end", "random"), ("denoiser", "segment_frames", "all"), ("reward_end", "segment_window", "left"),
+])
+def test_bad_placement_keys_are_one_line_errors(section, key, value):
+    from conftest import tiny_params_dict
+
+    from diamond.config import ConfigError, params_from_dict
+
+    d = tiny_params_dict()
+    d["world_model"][section][key] = value
+    with pytest.raises(ConfigError, match=rf"^world_model\.{section}\.{key}: '{value}' is not one of '"):
+        params_from_dict(d)
+    with pytest.raises(ValueError, match="segment end 'random': allowed uniform, clipped"):
+        Placement(end="random")
