@@ -35,8 +35,8 @@ RECENCY_WEIGHTS = (0.1, 0.1, 0.1, 0.7)
 class Placement:
     """Where a segment of S steps (S+1 frames) falls in an episode of T steps (T+1 frames).
 
-    A step t is drawn uniformly in [0, T) and, unless `end` is "uniform", an offset u uniformly
-    in {0..S} (the official draws, `batch_sampler.py:56,60,66`, with S+1 = its seq_length).
+    A step t is drawn uniformly in [0, T) and, for end "clipped" or both_sides, an offset u
+    uniformly in {0..S} (the official draws, `batch_sampler.py:56,60,66`, S+1 = its seq_length).
     - end "uniform": the segment's last frame is frame t+1 (ours).
       end "clipped": its last frame is frame min(T-1, t+u)+1, so the last step ends a segment
       (S+2)/2 times as often as an interior one (official, C7).
@@ -106,7 +106,8 @@ class Segment:
     rew: np.ndarray | torch.Tensor  # float32 (B, L), raw reward
     terminated: np.ndarray | torch.Tensor  # bool (B, L)
     truncated: np.ndarray | torch.Tensor  # bool (B, L)
-    mask: np.ndarray | torch.Tensor  # bool (B, L+1), False on padding before the episode start
+    # bool (B, L+1), False on padding: before the episode start (and past frame T-1 in R's official window)
+    mask: np.ndarray | torch.Tensor
 
     def to_torch(self, device: torch.device | str = "cpu") -> Segment:
         """The same batch as tensors on `device`, frames as floats in [-1, 1]."""
@@ -172,9 +173,9 @@ class SegmentSampler:
         T = ep.num_steps
         pad = max(0, -first)
         s = first + pad
-        stop = min(first + L, T)  # last frame copied (frame T exists); steps stop at T-1
+        stop = min(first + L, T)  # the last frame copied (frame T is stored); steps end before it
         seg.obs[b, pad:pad + stop - s + 1] = ep.obs[s:stop + 1]
-        n = min(first + L, T) - s  # real steps
+        n = stop - s  # real steps
         seg.act[b, pad:pad + n] = ep.act[s:s + n]
         seg.rew[b, pad:pad + n] = ep.rew[s:s + n]
         seg.terminated[b, pad:pad + n] = ep.terminated[s:s + n]
