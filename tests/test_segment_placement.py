@@ -167,7 +167,9 @@ def test_reward_end_sees_the_official_inputs_and_loss_mask(store, tiny_params):
 
 
 @pytest.mark.parametrize("section, key, value", [
-    ("denoiser", "segment_end", "random"), ("denoiser", "segment_frames", "all"), ("reward_end", "segment_window", "left"),
+    ("denoiser", "segment_end", "random"),
+    ("denoiser", "segment_frames", "all"),
+    ("reward_end", "segment_window", "left"),
 ])
 def test_bad_placement_keys_are_one_line_errors(section, key, value):
     from conftest import tiny_params_dict

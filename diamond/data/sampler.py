@@ -63,7 +63,9 @@ class Placement:
     def draws_offset(self) -> bool:
         return self.both_sides or self.end == "clipped"
 
-    def first_frames(self, lengths: np.ndarray, steps: np.ndarray, offsets: np.ndarray | None, num_steps: int) -> np.ndarray:
+    def first_frames(
+        self, lengths: np.ndarray, steps: np.ndarray, offsets: np.ndarray | None, num_steps: int
+    ) -> np.ndarray:
         """Index of each segment's first frame (negative: padding before the episode start), from
         the episodes' lengths T, the drawn steps t and, where `draws_offset`, the offsets u."""
         if self.both_sides:
