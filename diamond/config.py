@@ -90,6 +90,14 @@ class DenoiserConfig:
     # 8-bit quantization of denoised estimates (sampler and autoregressive feedback): "nearest"
     # (round) or "truncate" (the official `.byte()`, src/models/diffusion/denoiser.py).
     quantization: str
+    # Where D's training segments and the imagination starts (D's first context) end
+    # (diamond/data/sampler.py Placement). segment_end: "uniform" (ours) or "clipped", the official
+    # end min(len, t + 1 + U{0..n-1}) (src/data/batch_sampler.py:56,64-68; docs/official-parity.md C7).
+    segment_end: str
+    # segment_frames: "with_final" (ours: last frames obs[1..T]) or "without_final" (official:
+    # obs[0..T-1], the T frames an official episode stores, src/coroutines/collector.py:73-74;
+    # docs/official-parity.md C8, D3).
+    segment_frames: str
 
     @property
     def training_segment_steps(self) -> int:
@@ -127,6 +135,13 @@ class RewardEndConfig:
     cond_channels: int
     num_groups_channels: int  # GroupNorm group size in channels (32)
     lstm_dim: int
+    # R's training segments: "ends_at_step" (ours: 19 steps ending at the sampled step, padding only
+    # before the start, a transition learnt where both its frames are real) or "both_sides" (official,
+    # src/data/batch_sampler.py:59-61, src/models/rew_end_model.py:57-69: a window of segment_length
+    # frames with the sampled step at a uniform position, padded on both sides; the final frame only
+    # as a terminal next frame, grey padding after the last step of an episode not terminated;
+    # docs/official-parity.md C3, R7).
+    segment_window: str
     # Derived, not a params key (see the module docstring): actor_critic.horizon +
     # denoiser.num_conditioning_frames (19). A saved config (checkpoint) carries its value.
     segment_length: int = dataclasses.field(default=0, metadata={"derived": True})
@@ -407,6 +422,13 @@ def _validate(p: Params) -> None:
         raise ConfigError(
             f"world_model.denoiser.quantization: {p.world_model.denoiser.quantization!r} is not 'nearest' or 'truncate'"
         )
+    for key, value, allowed in (
+        ("denoiser.segment_end", p.world_model.denoiser.segment_end, SEGMENT_ENDS),
+        ("denoiser.segment_frames", p.world_model.denoiser.segment_frames, SEGMENT_FRAMES),
+        ("reward_end.segment_window", p.world_model.reward_end.segment_window, SEGMENT_WINDOWS),
+    ):
+        if value not in allowed:
+            raise ConfigError(f"world_model.{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
     if p.world_model.denoiser.num_autoregressive_steps < 0:
         raise ConfigError(
             f"world_model.denoiser.num_autoregressive_steps: {p.world_model.denoiser.num_autoregressive_steps} must be >= 0"
@@ -505,6 +527,10 @@ def _validate_ranges(p: Params) -> None:
 
 
 STUDY_FORMULATIONS = ("edm", "ddpm")
+# Segment placement switches (diamond/data/sampler.py Placement; docs/official-parity.md C3, C7, C8).
+SEGMENT_ENDS = ("uniform", "clipped")
+SEGMENT_FRAMES = ("with_final", "without_final")
+SEGMENT_WINDOWS = ("ends_at_step", "both_sides")
 VARIANT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
@@ -547,7 +573,11 @@ def _validate_study(s: StudyConfig, ddpm_num_timesteps: int, games: tuple[str, .
 # docs/official-parity.md). Table 1 came from that code, quirks included, so configs/paper.yaml and
 # configs/released.yaml set every one to the official value; the small configs keep ours
 # (tests/test_config.py).
-OFFICIAL_BEHAVIOUR: dict[str, tuple[Any, str]] = {}
+OFFICIAL_BEHAVIOUR: dict[str, tuple[Any, str]] = {
+    "world_model.denoiser.segment_end": ("clipped", "C7"),
+    "world_model.denoiser.segment_frames": ("without_final", "C8"),
+    "world_model.reward_end.segment_window": ("both_sides", "C3"),
+}
 
 
 # Derived fields: (dotted key, what it is derived from). A params file may not set them.

@@ -38,6 +38,7 @@ from diamond.agent import AgentPolicy, compiled_forward, imagination_loss, real_
 from diamond.collector import Collector
 from diamond.config import Params
 from diamond.data import EpisodeStore, SegmentSampler
+from diamond.data.sampler import denoiser_placement, reward_end_placement
 from diamond.env import make_env
 from diamond.evaluation import test_episode_returns
 from diamond.imagination import ImaginationEnv
@@ -91,7 +92,14 @@ class AgentRun:
 
 
 def _segments(run: AgentRun) -> SegmentSampler:
-    return SegmentSampler(run.store, run.segment_rng)
+    """D's training segments and the imagination starts (world_model.denoiser's placement)."""
+    return SegmentSampler(run.store, run.segment_rng, placement=denoiser_placement(run.params.world_model.denoiser))
+
+
+def _reward_end_segments(run: AgentRun) -> tuple[SegmentSampler, int]:
+    """R's sampler (same random stream) and steps per segment (world_model.reward_end.segment_window)."""
+    placement, steps = reward_end_placement(run.params.world_model.reward_end)
+    return SegmentSampler(run.store, run.segment_rng, placement=placement), steps
 
 
 def _new_collector(run: AgentRun) -> Collector:
@@ -160,7 +168,9 @@ def _train_actor_critic(run: AgentRun, num_steps: int) -> dict[str, float]:
     progress = Progress(f"train-agent {run.game}-{run.seed} epoch {run.epoch}: actor-critic", num_steps)
     for _ in range(num_steps):
         if p.agent.model_free:
-            loss, metrics = real_data_loss(run.actor_critic, segments, p.actor_critic, context, run.device)
+            # Our own ablation, on our placement whatever the official switches say.
+            real = SegmentSampler(run.store, run.segment_rng)
+            loss, metrics = real_data_loss(run.actor_critic, real, p.actor_critic, context, run.device)
         else:
             loss, metrics = imagination_loss(run.actor_critic, imagination, p.actor_critic, run.actor_critic_forward)
         metrics = {**metrics, **run.actor_critic_trainer.step(loss)}
@@ -181,8 +191,9 @@ def _train_world_model(run: AgentRun, seconds: dict[str, float]) -> dict[str, fl
                     p.agent.denoiser_steps_per_epoch, p.world_model.denoiser.training_segment_steps, run.device)
     seconds["denoiser"] = _elapsed(start, run.device)
     start = time.perf_counter()
-    r = train_steps(wm.reward_end_trainer, wm.reward_end.compute_loss, segments, p.world_model.batch_size,
-                    p.agent.reward_end_steps_per_epoch, p.world_model.reward_end.segment_length, run.device)
+    r_segments, r_steps = _reward_end_segments(run)
+    r = train_steps(wm.reward_end_trainer, wm.reward_end.compute_loss, r_segments, p.world_model.batch_size,
+                    p.agent.reward_end_steps_per_epoch, r_steps, run.device)
     seconds["reward_end"] = _elapsed(start, run.device)
     return {**{f"denoiser/{k}": v for k, v in d.items()}, **{f"reward_end/{k}": v for k, v in r.items()}}
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from diamond.config import ConfigError, StudyVariant, WorldModelConfig, validate_variant
 from diamond.data import Episode, EpisodeStore, SegmentSampler
+from diamond.data.sampler import denoiser_placement
 from diamond.fidelity import PSNR_MAX_DB, imagine_open_loop, rollout_windows
 from diamond.frames import to_float, to_uint8
 from diamond.models.denoiser import Denoiser
@@ -100,7 +101,8 @@ def train_denoiser(
     if prepare is not None:
         prepare(denoiser)
     trainer = Trainer(denoiser, cfg.denoiser_optimizer)
-    segments = SegmentSampler(episodes, stream_rng(seed, STUDY_SEGMENTS), weights=weights)  # type: ignore[arg-type]
+    segments = SegmentSampler(episodes, stream_rng(seed, STUDY_SEGMENTS), weights=weights,  # type: ignore[arg-type]
+                              placement=denoiser_placement(cfg.denoiser))
     denoiser.train()
     progress = Progress(f"study: {cfg.denoiser.formulation} denoiser, seed {seed}", steps)
     for step in range(steps):

@@ -28,6 +28,7 @@ import torch
 
 from diamond.config import WorldModelConfig, to_dict
 from diamond.data import EpisodeStore, SegmentSampler
+from diamond.data.sampler import denoiser_placement, reward_end_placement
 from diamond.io import ArtifactError
 from diamond.models.reward_end import class_counts
 from diamond.progress import Progress
@@ -155,7 +156,10 @@ def train(run: WorldModelRun) -> WorldModelRun:
     """Interleave D and R steps until both reach their counts; checkpoint to `<out>.partial`,
     then write `<out>` and remove the partial checkpoint."""
     wm, c, curve, device = run.world_model, run.world_model.cfg, run.curve, run.device
-    segments = SegmentSampler(run.store, run.segment_rng)
+    # D's and R's samplers share one random stream, drawn in the same order as one sampler.
+    d_segments = SegmentSampler(run.store, run.segment_rng, placement=denoiser_placement(c.denoiser))
+    r_placement, r_steps = reward_end_placement(c.reward_end)
+    r_segments = SegmentSampler(run.store, run.segment_rng, placement=r_placement)
     wm.denoiser.train()
     wm.reward_end.train()
     # One iteration = one D step and one R step while each has steps left.
@@ -163,11 +167,11 @@ def train(run: WorldModelRun) -> WorldModelRun:
     progress = Progress(f"train-world-model {run.label}", total, "steps", initial=run.iteration)
     while wm.denoiser_steps < c.denoiser_steps or wm.reward_end_steps < c.reward_end_steps:
         if wm.denoiser_steps < c.denoiser_steps:
-            seg = segments.sample(c.batch_size, c.denoiser.training_segment_steps).to_torch(device)
+            seg = d_segments.sample(c.batch_size, c.denoiser.training_segment_steps).to_torch(device)
             loss, metrics = wm.denoiser.compute_loss(seg)
             curve.add("denoiser", {**metrics, **wm.denoiser_trainer.step(loss)})
         if wm.reward_end_steps < c.reward_end_steps:
-            seg = segments.sample(c.batch_size, c.reward_end.segment_length).to_torch(device)
+            seg = r_segments.sample(c.batch_size, r_steps).to_torch(device)
             loss, metrics = wm.reward_end.compute_loss(seg)
             curve.add("reward_end", {**metrics, **wm.reward_end_trainer.step(loss)})
         run.iteration += 1

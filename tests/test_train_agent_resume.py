@@ -51,8 +51,12 @@ def _kill_after_checkpoint_with_newer_episodes(args: list[str], cwd: Path, env: 
             proc.wait()
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("official_placement", [False, True], ids=["ours", "official-placement"])
+def test_killed_run_resumes_to_the_same_result(tmp_path: Path, official_placement: bool) -> None:
     params_dict = agent_params_dict(total_env_steps=400, checkpoint_every_epochs=2, test_every_epochs=3)
+    if official_placement:  # docs/official-parity.md C3, C7, C8: D, R and imagination starts
+        params_dict["world_model"]["denoiser"].update(segment_end="clipped", segment_frames="without_final")
+        params_dict["world_model"]["reward_end"]["segment_window"] = "both_sides"
     params, run = prepare_run(tmp_path, params_dict, train_world_model=False)
     # Two copies of the same inputs: one run is left alone, the other is killed and restarted.
     other = tmp_path / "interrupted"

@@ -173,3 +173,27 @@ def test_bad_inputs_are_one_line_errors(tmp_path, dataset):
     d["env"]["obs_size"] = 64  # the dataset holds 32x32 frames
     with pytest.raises(ArtifactError, match="frames of 32x32, not env.obs_size=64"):
         run_in_process(write_params(tmp_path / "p64.yaml", d), tmp_path / "z", dataset)
+
+
+def test_official_segment_placements_resume_exactly(tmp_path, dataset):
+    """With the official placements on (docs/official-parity.md C3, C7, C8), 3 steps then 5 equal a
+    straight 5-step run: their extra offset draws come from the saved segment stream."""
+    from diamond import world_model_loop as loop
+
+    def run(out: Path, steps: int) -> tuple[dict, Path | None]:
+        d = tiny_params_dict()
+        d["world_model"]["denoiser"].update(segment_end="clipped", segment_frames="without_final")
+        d["world_model"]["reward_end"]["segment_window"] = "both_sides"
+        d["world_model"].update(denoiser_steps=steps, reward_end_steps=steps, checkpoint_every_steps=2)
+        c = params_from_dict(d).world_model
+        store = EpisodeStore(dataset)
+        r = loop.start_or_resume(c, GAME, 0, store, num_actions(GAME), 32, out, torch.device("cpu"))
+        return read_checkpoint(loop.train(r).out), r.resumed_from
+
+    run(tmp_path / "resumed" / "wm.pt", 3)
+    (a, resumed_from), (b, _) = run(tmp_path / "resumed" / "wm.pt", 5), run(tmp_path / "straight" / "wm.pt", 5)
+    assert resumed_from == tmp_path / "resumed" / "wm.pt"
+    assert a["denoiser_trainer"]["num_steps"] == b["denoiser_trainer"]["num_steps"] == 5
+    for name in ("denoiser", "reward_end"):
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"{name}.{k} differs after resume"

@@ -139,11 +139,28 @@ class RewardEndModel(nn.Module):
         steps (B, T)): cross-entropy on sign(reward) and termination for every real step.
 
         Tensors in, tensors out, nothing read on the host: torch.compile(fullgraph=True) captures
-        it whole once dynamo's `allow_rnn` lets it trace the LSTM (tests/test_compiled_step.py)."""
+        it whole once dynamo's `allow_rnn` lets it trace the LSTM (tests/test_compiled_step.py).
+
+        With `segment_window` "both_sides" (R's official window, diamond/data/sampler.py
+        Placement), as official src/models/rew_end_model.py:57-69: a step is learnt where its frame
+        is real; past the last real frame the frames are grey padding, except the final frame after
+        a termination (official `final_observation`, written into the segment's frames, so also the
+        input of the next, masked, step)."""
+        if self.cfg.segment_window == "both_sides":
+            after_end = F.pad(seg.terminated, (1, 0))  # (B, L+1): the frame right after a termination
+            obs = seg.obs * (seg.mask | after_end)[:, :, None, None, None]
+            logits_rew, logits_end, _ = self(obs[:, :-1], seg.act, obs[:, 1:])
+            return self._loss(seg, seg.mask[:, :-1], logits_rew, logits_end)
         mask = seg.mask[:, :-1] & seg.mask[:, 1:]
         frame_mask = seg.mask[:, :, None, None, None]
         obs = seg.obs * frame_mask  # padding before the episode start becomes zeros
         logits_rew, logits_end, _ = self(obs[:, :-1], seg.act, obs[:, 1:])
+        return self._loss(seg, mask, logits_rew, logits_end)
+
+    @staticmethod
+    def _loss(seg: SegmentLike, mask: Tensor, logits_rew: Tensor, logits_end: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Cross-entropies on sign(reward) and termination, averaged over the steps of `mask`."""
         weight = mask.float().flatten()
         denom = weight.sum().clamp(min=1)
         target_rew, target_end = reward_classes(seg.rew).flatten(), seg.terminated.long().flatten()
