@@ -38,6 +38,7 @@ from diamond.agent import AgentPolicy, compiled_forward, imagination_loss, real_
 from diamond.collector import Collector
 from diamond.config import Params
 from diamond.data import EpisodeStore, SegmentSampler
+from diamond.data.resave import training_episodes
 from diamond.env import make_env
 from diamond.evaluation import test_episode_returns
 from diamond.imagination import ImaginationEnv
@@ -91,7 +92,7 @@ class AgentRun:
 
 
 def _segments(run: AgentRun) -> SegmentSampler:
-    return SegmentSampler(run.store, run.segment_rng)
+    return SegmentSampler(training_episodes(run.store, run.params.world_model.training_frames), run.segment_rng)
 
 
 def _new_collector(run: AgentRun) -> Collector:
@@ -99,7 +100,8 @@ def _new_collector(run: AgentRun) -> Collector:
     env = make_env(run.game, derived_seed(run.seed, *AGENT_TRAIN_ENV), train=True, config=run.params.env)
     policy = AgentPolicy(run.actor_critic, run.params.agent.epsilon, run.policy_rng, run.device,
                          temperature=run.params.agent.collect_temperature_of(run.game))
-    return Collector(env, policy, run.store, store_in_progress=True)
+    return Collector(env, policy, run.store, store_in_progress=True,
+                     record_writes=run.params.world_model.training_frames == "resaved_per_write")
 
 
 def _collect(run: AgentRun, num_steps: int) -> list[Any]:
@@ -325,7 +327,7 @@ def truncate_store(store: EpisodeStore, num_episodes: int) -> EpisodeStore:
     shutil.rmtree(aside, ignore_errors=True)
     rebuilt = EpisodeStore(aside, store.game, store.num_actions)
     for i in range(num_episodes):
-        rebuilt.append(store[i], in_progress=store.in_progress(i))
+        rebuilt.append(store[i], in_progress=store.in_progress(i), writes=store.write_history(i))
     old = root.with_name(root.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     root.rename(old)

@@ -28,6 +28,7 @@ import torch
 
 from diamond.config import WorldModelConfig, to_dict
 from diamond.data import EpisodeStore, SegmentSampler
+from diamond.data.resave import training_episodes
 from diamond.io import ArtifactError
 from diamond.models.reward_end import class_counts
 from diamond.progress import Progress
@@ -155,7 +156,7 @@ def train(run: WorldModelRun) -> WorldModelRun:
     """Interleave D and R steps until both reach their counts; checkpoint to `<out>.partial`,
     then write `<out>` and remove the partial checkpoint."""
     wm, c, curve, device = run.world_model, run.world_model.cfg, run.curve, run.device
-    segments = SegmentSampler(run.store, run.segment_rng)
+    segments = SegmentSampler(training_episodes(run.store, c.training_frames), run.segment_rng)
     wm.denoiser.train()
     wm.reward_end.train()
     # One iteration = one D step and one R step while each has steps left.
