@@ -4,6 +4,7 @@ docs/official-parity.md; diamond/data/resave.py), against the official Dataset/E
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,46 @@ def test_unknown_training_frames_is_a_clear_error(tmp_path):
     store = EpisodeStore(tmp_path / "ds", game="Breakout", num_actions=1)
     with pytest.raises(ValueError, match="training_frames: 'dark' is not 'exact' or 'resaved_per_write'"):
         training_episodes(store, "dark")
+
+
+def _first_epoch_denoiser(tmp_path: Path, store: EpisodeStore, training_frames: str) -> dict[str, torch.Tensor]:
+    """D's weights after two train-world-model steps on `store` (diamond/world_model_loop.py)."""
+    from conftest import tiny_params_dict
+    from diamond import world_model_loop
+    from diamond.config import params_from_dict
+
+    d = tiny_params_dict()
+    d["world_model"].update(denoiser_steps=2, reward_end_steps=2, checkpoint_every_steps=100, training_frames=training_frames)
+    c = params_from_dict(d).world_model
+    out = tmp_path / f"{store.root.name}-{training_frames}.pt"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic reductions
+    try:
+        run = world_model_loop.train(world_model_loop.start_or_resume(
+            c, "Breakout", 0, store, store.num_actions, store[0].obs.shape[-1], out, torch.device("cpu")))
+    finally:
+        torch.set_num_threads(threads)
+    return run.world_model.denoiser.state_dict()
+
+
+def test_train_world_model_reads_the_collect_stage_frames_written_once(tmp_path):
+    from diamond.config import EnvConfig
+    from diamond.env import make_env, num_actions
+
+    env_cfg = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=2000, obs_size=32, life_counter="every_step")
+    store = EpisodeStore(tmp_path / "collected", game="Breakout", num_actions=num_actions("Breakout"))
+    collector = Collector(make_env("Breakout", 0, True, env_cfg), UniformPolicy(store.num_actions, np.random.default_rng(0)), store)
+    collector.collect(120)
+    collector.flush()
+    assert any(((store[i].obs >= 1) & (store[i].obs <= 63)).any() for i in range(len(store)))  # dark levels to lower
+    # The same episodes with frames 0..T-1 saved once by hand, obs[T] (final_observation) exact.
+    by_hand = EpisodeStore(tmp_path / "by_hand", game="Breakout", num_actions=store.num_actions)
+    for i in range(len(store)):
+        ep, obs = store[i], store[i].obs.copy()
+        obs[:-1] = resave_table()[1][obs[:-1]]
+        by_hand.append(dataclasses.replace(ep, obs=obs))
+    resaved = _first_epoch_denoiser(tmp_path, store, "resaved_per_write")
+    exact = _first_epoch_denoiser(tmp_path, store, "exact")
+    expected = _first_epoch_denoiser(tmp_path, by_hand, "exact")
+    assert all(torch.equal(resaved[k], expected[k]) for k in expected)
+    assert not all(torch.equal(resaved[k], exact[k]) for k in exact)
