@@ -116,7 +116,8 @@ class Collector:
             "total_steps": self.total_steps,
             "reward_counts": dict(self.reward_counts),
             "stored_index": self._stored_index,
-            "writes": list(self._writes),
+            # only with record_writes, so that a run without it saves the same state as before
+            **({"writes": list(self._writes)} if self.record_writes else {}),
         }
 
     def set_state(self, state: dict) -> None:
