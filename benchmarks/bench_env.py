@@ -23,7 +23,7 @@ from diamond.collector import Collector, UniformPolicy
 from diamond.config import EnvConfig
 from diamond.env import make_env, num_actions
 
-PROTOCOL = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=108_000, obs_size=64)
+PROTOCOL = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=108_000, obs_size=64, life_counter="every_step")
 
 
 class Timer:

@@ -59,12 +59,19 @@ class Collector:
     call (neither terminated nor truncated), replaced there as it grows and when it ends, as
     official src/coroutines/collector.py does while training collects: the newest steps are
     sampled by training at once instead of only once their episode ends.
+
+    With `record_writes`, each stored episode lists the step counts at which it was written
+    (`EpisodeStore.write_history`): one write per `collect` call that leaves it running, one when
+    it ends, as official src/coroutines/collector.py:70-77 saves it (for
+    `world_model.training_frames: resaved_per_write`, diamond/data/resave.py).
     """
 
     def __init__(self, env: gymnasium.Env, policy: Policy, store: EpisodeStore | None,
-                 store_in_progress: bool = False) -> None:
+                 store_in_progress: bool = False, record_writes: bool = False) -> None:
         self.env, self.policy, self.store = env, policy, store
         self.store_in_progress = store_in_progress and store is not None
+        self.record_writes = record_writes
+        self._writes: list[int] = []  # step counts of the unfinished episode's writes so far
         self.total_steps = 0
         self.reward_counts = {-1: 0, 0: 0, 1: 0}  # over every step collected, by sign of reward
         self._obs: list[np.ndarray] | None = None  # frames of the unfinished episode
@@ -109,6 +116,8 @@ class Collector:
             "total_steps": self.total_steps,
             "reward_counts": dict(self.reward_counts),
             "stored_index": self._stored_index,
+            # only with record_writes, so that a run without it saves the same state as before
+            **({"writes": list(self._writes)} if self.record_writes else {}),
         }
 
     def set_state(self, state: dict) -> None:
@@ -120,6 +129,7 @@ class Collector:
         self.total_steps = int(state["total_steps"])
         self.reward_counts = {int(k): int(v) for k, v in state["reward_counts"].items()}
         self._stored_index = state.get("stored_index")
+        self._writes = [int(w) for w in state.get("writes", [])]
         if self._stored_index is not None and self._act:
             self._store_in_progress()
 
@@ -134,10 +144,25 @@ class Collector:
     def _store_in_progress(self) -> None:
         """Put the unfinished episode (not terminated, not truncated) in the store."""
         ep = self._episode(terminated=False, truncated=False)
+        writes = self._written()
         if self._stored_index is None:
-            self._stored_index = self.store.append(ep, in_progress=True)
+            self._stored_index = self.store.append(ep, in_progress=True, writes=writes)
         else:
-            self.store.replace(self._stored_index, ep, in_progress=True)
+            self.store.replace(self._stored_index, ep, in_progress=True, writes=writes)
+
+    def _written(self) -> list[int] | None:
+        """The write history including the write about to happen (None unless `record_writes`).
+
+        A write at the same step count as the last one stores nothing new (the rewrite when a
+        run resumes, or the cut of an episode just stored in progress), so it is not another
+        official write.
+        """
+        if not self.record_writes:
+            return None
+        t = len(self._act)
+        if not self._writes or self._writes[-1] < t:
+            self._writes.append(t)
+        return list(self._writes)
 
     def flush(self) -> EpisodeStats | None:
         """Store the unfinished episode, cut here (truncated), so no collected step is lost.
@@ -146,7 +171,7 @@ class Collector:
         cut episode had not ended).
         """
         if not self._act:
-            self._obs, self._stored_index = None, None
+            self._obs, self._stored_index, self._writes = None, None, []
             return None
         return self._finish(terminated=False, truncated=True)
 
@@ -154,11 +179,12 @@ class Collector:
         t = len(self._act)
         ep = self._episode(terminated, truncated)
         if self.store is not None:
+            writes = self._written()
             if self._stored_index is None:
-                self.store.append(ep)
+                self.store.append(ep, writes=writes)
             else:
-                self.store.replace(self._stored_index, ep)
-        self._obs, self._act, self._rew, self._stored_index = None, [], [], None
+                self.store.replace(self._stored_index, ep, writes=writes)
+        self._obs, self._act, self._rew, self._stored_index, self._writes = None, [], [], None, []
         return EpisodeStats(num_steps=t, ret=ep.ret, game_score=float(self._info.get("game_score", ep.ret)),
                             terminated=terminated, truncated=truncated,
                             game_over=bool(self._info.get("game_over", terminated or truncated)))

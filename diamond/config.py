@@ -41,6 +41,11 @@ class EnvConfig:
     max_noops: int  # 1..max_noops random no-ops at reset
     max_episode_frames: int  # truncation, in raw frames (108,000)
     obs_size: int  # square RGB observations
+    # When a training episode sees a life loss (row P8, docs/official-parity.md): "every_step" =
+    # the life counter follows ale.lives() at every step, so every decrease is a loss;
+    # "decreases_only" = it is updated only when lives decrease (official
+    # src/envs/atari_preprocessing.py:76-78), so the first loss after an extra life is not seen.
+    life_counter: str
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,11 @@ class WorldModelConfig:
     # configs/paper.yaml). At 32x32, R otherwise spends its first thousands of steps at the
     # majority class: rewards are 2% of Assault's steps and must first be learned as a prior.
     reward_end_prior_init: bool
+    # Frames D, R and the imagination starts read (row C9, docs/official-parity.md): "exact" = the
+    # emulator's uint8; "resaved_per_write" = as the official code reads them back after each
+    # episode write's truncating `.byte()` (src/data/episode.py:48), compounded once per write
+    # (diamond/data/resave.py). The stored frames stay exact either way.
+    training_frames: str
     checkpoint_every_steps: int
     log_every_steps: int
 
@@ -380,6 +390,16 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp!r}")
 
 
+LIFE_COUNTERS = ("every_step", "decreases_only")
+TRAINING_FRAMES = ("exact", "resaved_per_write")
+
+
+def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """A small string enum: a one-line error naming the key, the value and the allowed values."""
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
 def _validate(p: Params) -> None:
     for g in p.games:
         if g not in ATARI_100K_GAMES:
@@ -422,13 +442,11 @@ def _validate(p: Params) -> None:
         raise ConfigError(
             f"world_model.denoiser.quantization: {p.world_model.denoiser.quantization!r} is not 'nearest' or 'truncate'"
         )
-    for key, value, allowed in (
-        ("denoiser.segment_end", p.world_model.denoiser.segment_end, SEGMENT_ENDS),
-        ("denoiser.segment_frames", p.world_model.denoiser.segment_frames, SEGMENT_FRAMES),
-        ("reward_end.segment_window", p.world_model.reward_end.segment_window, SEGMENT_WINDOWS),
-    ):
-        if value not in allowed:
-            raise ConfigError(f"world_model.{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+    check_choice("world_model.denoiser.segment_end", p.world_model.denoiser.segment_end, SEGMENT_ENDS)
+    check_choice("world_model.denoiser.segment_frames", p.world_model.denoiser.segment_frames, SEGMENT_FRAMES)
+    check_choice("world_model.reward_end.segment_window", p.world_model.reward_end.segment_window, SEGMENT_WINDOWS)
+    check_choice("env.life_counter", p.env.life_counter, LIFE_COUNTERS)
+    check_choice("world_model.training_frames", p.world_model.training_frames, TRAINING_FRAMES)
     if p.world_model.denoiser.num_autoregressive_steps < 0:
         raise ConfigError(
             f"world_model.denoiser.num_autoregressive_steps: {p.world_model.denoiser.num_autoregressive_steps} must be >= 0"
@@ -577,6 +595,8 @@ OFFICIAL_BEHAVIOUR: dict[str, tuple[Any, str]] = {
     "world_model.denoiser.segment_end": ("clipped", "C7"),
     "world_model.denoiser.segment_frames": ("without_final", "C8"),
     "world_model.reward_end.segment_window": ("both_sides", "C3"),
+    "env.life_counter": ("decreases_only", "P8"),
+    "world_model.training_frames": ("resaved_per_write", "C9"),
 }
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.utils import seeding
 
-from diamond.config import ConfigError, EnvConfig, check_section
+from diamond.config import LIFE_COUNTERS, ConfigError, EnvConfig, check_choice, check_section
 from diamond.games import ATARI_100K_GAMES
 
 gymnasium.register_envs(ale_py)
@@ -51,6 +51,7 @@ def check_env_config(config: EnvConfig) -> None:
     """The env section's ranges (diamond/config.py RANGE_RULES), for callers that build an
     EnvConfig themselves; params files are checked when they load."""
     check_section(config, "env")
+    check_choice("env.life_counter", config.life_counter, LIFE_COUNTERS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,7 +143,10 @@ class AtariEnv(gymnasium.Env):
             np.maximum(self._screen, self._prev_screen, out=self._screen)
         lives = self.ale.lives()
         life_loss = lives < self._lives
-        self._lives = lives
+        if life_loss or self.config.life_counter == "every_step":
+            # "decreases_only" (official src/envs/atari_preprocessing.py:76-78) keeps the counter
+            # below an extra life, so the next loss goes unseen (row P8, docs/official-parity.md).
+            self._lives = lives
         game_over = self.ale.game_over(with_truncation=False)
         terminated = game_over or (self.train and life_loss)
         truncated = self.ale.game_truncated() and not terminated

@@ -38,6 +38,7 @@ from diamond.agent import AgentPolicy, compiled_forward, imagination_loss, real_
 from diamond.collector import Collector
 from diamond.config import Params
 from diamond.data import EpisodeStore, SegmentSampler
+from diamond.data.resave import training_episodes
 from diamond.data.sampler import denoiser_placement, reward_end_placement
 from diamond.env import make_env
 from diamond.evaluation import test_episode_returns
@@ -93,13 +94,15 @@ class AgentRun:
 
 def _segments(run: AgentRun) -> SegmentSampler:
     """D's training segments and the imagination starts (world_model.denoiser's placement)."""
-    return SegmentSampler(run.store, run.segment_rng, placement=denoiser_placement(run.params.world_model.denoiser))
+    episodes = training_episodes(run.store, run.params.world_model.training_frames)
+    return SegmentSampler(episodes, run.segment_rng, placement=denoiser_placement(run.params.world_model.denoiser))
 
 
 def _reward_end_segments(run: AgentRun) -> tuple[SegmentSampler, int]:
     """R's sampler (same random stream) and steps per segment (world_model.reward_end.segment_window)."""
     placement, steps = reward_end_placement(run.params.world_model.reward_end)
-    return SegmentSampler(run.store, run.segment_rng, placement=placement), steps
+    episodes = training_episodes(run.store, run.params.world_model.training_frames)
+    return SegmentSampler(episodes, run.segment_rng, placement=placement), steps
 
 
 def _new_collector(run: AgentRun) -> Collector:
@@ -107,7 +110,8 @@ def _new_collector(run: AgentRun) -> Collector:
     env = make_env(run.game, derived_seed(run.seed, *AGENT_TRAIN_ENV), train=True, config=run.params.env)
     policy = AgentPolicy(run.actor_critic, run.params.agent.epsilon, run.policy_rng, run.device,
                          temperature=run.params.agent.collect_temperature_of(run.game))
-    return Collector(env, policy, run.store, store_in_progress=True)
+    return Collector(env, policy, run.store, store_in_progress=True,
+                     record_writes=run.params.world_model.training_frames == "resaved_per_write")
 
 
 def _collect(run: AgentRun, num_steps: int) -> list[Any]:
@@ -168,7 +172,7 @@ def _train_actor_critic(run: AgentRun, num_steps: int) -> dict[str, float]:
     progress = Progress(f"train-agent {run.game}-{run.seed} epoch {run.epoch}: actor-critic", num_steps)
     for _ in range(num_steps):
         if p.agent.model_free:
-            # Our own ablation, on our placement whatever the official switches say.
+            # Our own ablation, on our placement and the exact frames whatever the official switches say.
             real = SegmentSampler(run.store, run.segment_rng)
             loss, metrics = real_data_loss(run.actor_critic, real, p.actor_critic, context, run.device)
         else:
@@ -336,7 +340,7 @@ def truncate_store(store: EpisodeStore, num_episodes: int) -> EpisodeStore:
     shutil.rmtree(aside, ignore_errors=True)
     rebuilt = EpisodeStore(aside, store.game, store.num_actions)
     for i in range(num_episodes):
-        rebuilt.append(store[i], in_progress=store.in_progress(i))
+        rebuilt.append(store[i], in_progress=store.in_progress(i), writes=store.write_history(i))
     old = root.with_name(root.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     root.rename(old)

@@ -28,6 +28,7 @@ import torch
 
 from diamond.config import WorldModelConfig, to_dict
 from diamond.data import EpisodeStore, SegmentSampler
+from diamond.data.resave import training_episodes
 from diamond.data.sampler import denoiser_placement, reward_end_placement
 from diamond.io import ArtifactError
 from diamond.models.reward_end import class_counts
@@ -157,9 +158,10 @@ def train(run: WorldModelRun) -> WorldModelRun:
     then write `<out>` and remove the partial checkpoint."""
     wm, c, curve, device = run.world_model, run.world_model.cfg, run.curve, run.device
     # D's and R's samplers share one random stream, drawn in the same order as one sampler.
-    d_segments = SegmentSampler(run.store, run.segment_rng, placement=denoiser_placement(c.denoiser))
+    episodes = training_episodes(run.store, c.training_frames)
+    d_segments = SegmentSampler(episodes, run.segment_rng, placement=denoiser_placement(c.denoiser))
     r_placement, r_steps = reward_end_placement(c.reward_end)
-    r_segments = SegmentSampler(run.store, run.segment_rng, placement=r_placement)
+    r_segments = SegmentSampler(episodes, run.segment_rng, placement=r_placement)
     wm.denoiser.train()
     wm.reward_end.train()
     # One iteration = one D step and one R step while each has steps left.

@@ -18,7 +18,7 @@ from diamond.data import EpisodeStore
 from diamond.env import make_env, num_actions
 from diamond.io import read_json
 
-CFG = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=108_000, obs_size=64)
+CFG = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=108_000, obs_size=64, life_counter="every_step")
 
 
 def breakout_collector(root: Path, seed: int = 0) -> Collector:

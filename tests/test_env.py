@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -12,7 +14,7 @@ from gymnasium.wrappers import AtariPreprocessing
 from diamond.config import ConfigError, EnvConfig
 from diamond.env import ATARI_100K_GAMES, make_env, num_actions, rom_id
 
-CFG = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=108_000, obs_size=64)
+CFG = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=108_000, obs_size=64, life_counter="every_step")
 FIRE = 1  # Breakout's minimal action set: NOOP, FIRE, RIGHT, LEFT
 
 
@@ -217,3 +219,53 @@ def test_benchmark_prints_both_pipelines_and_the_ratio(monkeypatch, capsys):
     assert "diamond Collector" in out and "gymnasium AtariPreprocessing" in out
     wall, cpu = [float(x.split("x ")[0]) for x in out.split("ratio (ours / gymnasium)")[1].split(", ")]
     assert wall > 0 and cpu > 0
+
+
+OFFICIAL_EXTRA_LIFE = Path(__file__).parent / "fixtures" / "official" / "p8_extra_life.json"
+
+
+def play_extra_life_fixture(life_counter: str) -> tuple[dict, list[dict]]:
+    """Replay the official P8 fixture's game with our env: the same seed and actions, and an extra
+    life written into the lives RAM byte before the same steps; a training episode that ends on a
+    life loss continues the game at the next reset, as official DoneOnLifeLoss leaves it going."""
+    fx = json.loads(OFFICIAL_EXTRA_LIFE.read_text())
+    cfg = dataclasses.replace(CFG, frame_skip=fx["frame_skip"], max_noops=fx["max_noops"], life_counter=life_counter)
+    env = make_env(fx["game"], fx["seed"], train=True, config=cfg)
+    env.reset()
+    rows, ram_index = [], fx["lives_ram_index"]
+    for t, action in enumerate(fx["actions"]):
+        if t in fx["bonus_before_steps"]:
+            env.unwrapped.ale.setRAM(ram_index, int(env.unwrapped.ale.getRAM()[ram_index]) + 1)
+        _, reward, terminated, truncated, info = env.step(action)
+        rows.append({"ale_lives": env.unwrapped.ale.lives(), "counter": info["lives"], "life_loss": info["life_loss"],
+                     "end": terminated, "game_over": info["game_over"], "reward": reward})
+        if info["game_over"] or truncated:
+            break
+        if terminated:
+            env.reset()
+    return fx, rows
+
+
+def test_life_counter_decreases_only_matches_the_official_wrapper_after_an_extra_life():
+    # Official src/envs/atari_preprocessing.py:76-78 (row P8): after an extra life (5 -> 6) the
+    # next loss (6 -> 5) is not a life loss, so the training episode goes on.
+    fx, rows = play_extra_life_fixture("decreases_only")
+    official = fx["steps"]
+    assert [r["ale_lives"] for r in rows] == [r["ale_lives"] for r in official]  # the same game
+    assert rows == official
+    hidden = [t for t, r in enumerate(official) if t and r["ale_lives"] < official[t - 1]["ale_lives"] and not r["end"]]
+    assert len(hidden) == 2  # one unseen loss after each extra life
+
+
+def test_life_counter_every_step_sees_every_loss_after_an_extra_life():
+    fx, rows = play_extra_life_fixture("every_step")
+    official = fx["steps"]
+    assert [r["ale_lives"] for r in rows] == [r["ale_lives"] for r in official]
+    losses = [t for t, r in enumerate(rows) if t and r["ale_lives"] < rows[t - 1]["ale_lives"]]
+    assert [t for t, r in enumerate(rows) if r["end"]] == losses
+    assert sum(r["end"] for r in rows) == sum(r["end"] for r in official) + 2
+
+
+def test_life_counter_bad_value_is_one_line():
+    with pytest.raises(ConfigError, match=r"env.life_counter: 'sometimes' is not one of 'every_step', 'decreases_only'"):
+        make_env("Breakout", 0, True, dataclasses.replace(CFG, life_counter="sometimes"))

@@ -15,7 +15,7 @@ import pytest
 from conftest import write_params
 from agent_helpers import agent_params_dict, agent_paths, prepare_run, run_stage, stage_args, stage_env
 from diamond.data import EpisodeStore
-from diamond.config import params_from_dict
+from diamond.config import OFFICIAL_BEHAVIOUR, params_from_dict
 from diamond.io import ArtifactError, load_torch, read_json
 from stages.train_agent import run_key
 
@@ -51,12 +51,9 @@ def _kill_after_checkpoint_with_newer_episodes(args: list[str], cwd: Path, env: 
             proc.wait()
 
 
-@pytest.mark.parametrize("official_placement", [False, True], ids=["ours", "official-placement"])
-def test_killed_run_resumes_to_the_same_result(tmp_path: Path, official_placement: bool) -> None:
-    params_dict = agent_params_dict(total_env_steps=400, checkpoint_every_epochs=2, test_every_epochs=3)
-    if official_placement:  # docs/official-parity.md C3, C7, C8: D, R and imagination starts
-        params_dict["world_model"]["denoiser"].update(segment_end="clipped", segment_frames="without_final")
-        params_dict["world_model"]["reward_end"]["segment_window"] = "both_sides"
+def _run_whole_and_killed(tmp_path: Path, params_dict: dict) -> tuple[Path, Path, Path, dict[str, Path], int]:
+    """Run train-agent once uninterrupted and once killed after a checkpoint and restarted;
+    return the params file, both run folders, the killed run's paths and its saved episode count."""
     params, run = prepare_run(tmp_path, params_dict, train_world_model=False)
     # Two copies of the same inputs: one run is left alone, the other is killed and restarted.
     other = tmp_path / "interrupted"
@@ -75,6 +72,12 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, official_placemen
     done = run_stage("train_agent", params, tmp_path, **paths)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
+    return params, run, other, paths, saved
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
+    params_dict = agent_params_dict(total_env_steps=400, checkpoint_every_epochs=2, test_every_epochs=3)
+    params, run, other, paths, saved = _run_whole_and_killed(tmp_path, params_dict)
 
     uninterrupted, resumed = read_json(run / "agent.json"), read_json(other / "agent.json")
     assert resumed["env_steps"] == uninterrupted["env_steps"] == 400
@@ -106,3 +109,39 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path, official_placemen
         proc.kill()
         proc.wait()
     assert f"started fresh (saved state has params/input hash {saved_key}" in first
+
+
+def test_killed_run_with_the_official_switches_resumes_to_the_same_result(tmp_path: Path) -> None:
+    # Every official-behaviour switch on (diamond.config.OFFICIAL_BEHAVIOUR, docs/official-parity.md).
+    # The segment placements (C3, C7, C8) draw differently from the same stream; the re-saved
+    # training frames (C9) make each episode's write history state: the resumed run must record,
+    # and so train on, the same re-saved frames.
+    params_dict = agent_params_dict(total_env_steps=400, checkpoint_every_epochs=2, test_every_epochs=3)
+    for key, (official, _) in OFFICIAL_BEHAVIOUR.items():
+        section = params_dict
+        *parents, leaf = key.split(".")
+        for part in parents:
+            section = section[part]
+        section[leaf] = official
+    _, run, other, _, saved = _run_whole_and_killed(tmp_path, params_dict)
+    assert _episodes(run / "dataset") == _episodes(other / "dataset")
+    a, b = EpisodeStore(run / "dataset"), EpisodeStore(other / "dataset")
+    histories = [a.write_history(i) for i in range(len(a))]
+    assert histories == [b.write_history(i) for i in range(len(b))]
+    assert max(len(h or []) for h in histories) > 1  # some episode was written at several collection calls
+    whole, resumed = _tensors(load_torch(run / "agent.pt")), _tensors(load_torch(other / "agent.pt"))
+    assert whole.keys() == resumed.keys() and any(k.startswith("world_model.") for k in whole)
+    for key, value in whole.items():  # the models trained on the re-saved frames are the same
+        np.testing.assert_array_equal(value.numpy(), resumed[key].numpy(), err_msg=key)
+
+
+def _tensors(d: dict, prefix: str = "") -> dict:
+    """The checkpoint's tensors under actor_critic and world_model, by dotted key."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and (prefix or k in ("actor_critic", "world_model")):
+            out.update(_tensors(v, key + "."))
+        elif prefix and hasattr(v, "numpy"):
+            out[key] = v
+    return out

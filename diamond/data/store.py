@@ -16,6 +16,10 @@ process leaves the previous complete store. Replacing an episode writes it under
 step count is in the name), then the manifest, then removes the old file, so the listed file is
 never overwritten. Opening a store checks every listed file against its size and sha256, so a
 truncated or corrupted file is an `ArtifactError` naming that file.
+
+An episode's manifest entry may also list `writes`: the step counts at which it was written
+(`world_model.training_frames: resaved_per_write`, diamond/data/resave.py). Stores without it,
+and episodes stored once, read as written once at their full length.
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ def decode_episode(data: bytes, path: Path) -> Episode:
     return ep
 
 
+def _valid_writes(writes: object, num_steps: int) -> bool:
+    return (isinstance(writes, list) and len(writes) > 0 and all(isinstance(w, int) and w >= 1 for w in writes)
+            and all(a < b for a, b in zip(writes, writes[1:])) and writes[-1] == num_steps)
+
+
 class EpisodeStore:
     """Episodes of one game, in a directory; created if missing, verified if present."""
 
@@ -92,6 +101,10 @@ class EpisodeStore:
             entries = [(e["file"], int(e["num_steps"]), int(e["bytes"]), str(e["sha256"])) for e in self._entries]
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{manifest_path}: malformed manifest (missing or bad {e})") from None
+        for e in self._entries:
+            if "writes" in e and not _valid_writes(e["writes"], int(e["num_steps"])):
+                raise ArtifactError(f"{manifest_path}: {e['file']}: writes {e['writes']!r} must be increasing step "
+                                    f"counts ending at its {e['num_steps']} steps")
         if game is not None and game != self.game:
             raise ArtifactError(f"{self.root}: store holds game {self.game!r}, not {game!r}")
         if num_actions is not None and int(num_actions) != self.num_actions:
@@ -121,18 +134,20 @@ class EpisodeStore:
             "episodes": self._entries,
         })
 
-    def append(self, ep: Episode, in_progress: bool = False) -> int:
+    def append(self, ep: Episode, in_progress: bool = False, writes: list[int] | None = None) -> int:
         """Store one episode (file first, then manifest, both atomic); return its index.
 
         `in_progress`: the episode has not ended yet and will be `replace`d as it grows.
+        `writes`: the step counts at which the official code would have written it so far
+        (recorded in the manifest; see `write_history`).
         """
         index = len(self._entries)
-        self._entries.append(self._write_episode(index, ep, in_progress))
+        self._entries.append(self._write_episode(index, ep, in_progress, writes))
         self._write_manifest()
         self._cache[index] = ep
         return index
 
-    def replace(self, index: int, ep: Episode, in_progress: bool = False) -> None:
+    def replace(self, index: int, ep: Episode, in_progress: bool = False, writes: list[int] | None = None) -> None:
         """Store `ep` in place of episode `index` (the episode in progress, grown or ended).
 
         The new file gets its own name, the manifest then lists it, then the old file goes: a
@@ -141,7 +156,7 @@ class EpisodeStore:
         if not 0 <= index < len(self._entries):
             raise IndexError(f"episode {index} out of range 0..{len(self._entries) - 1}")
         old = self._entries[index]["file"]
-        self._entries[index] = self._write_episode(index, ep, in_progress)
+        self._entries[index] = self._write_episode(index, ep, in_progress, writes)
         self._write_manifest()
         if old != self._entries[index]["file"]:
             (self.root / old).unlink(missing_ok=True)
@@ -151,15 +166,20 @@ class EpisodeStore:
             self._lengths = self._lengths.copy()
             self._lengths[index] = ep.num_steps
 
-    def _write_episode(self, index: int, ep: Episode, in_progress: bool) -> dict:
+    def _write_episode(self, index: int, ep: Episode, in_progress: bool, writes: list[int] | None) -> dict:
         """Write the episode's file (atomic) and return its manifest entry."""
         ep.check()
+        if writes is not None and not _valid_writes(writes, ep.num_steps):
+            raise ValueError(f"writes {writes!r}: must be increasing step counts ending at the episode's {ep.num_steps} steps")
         if ep.act.size and (ep.act.min() < 0 or ep.act.max() >= self.num_actions):
             raise ValueError(f"Episode.act: actions must be in 0..{self.num_actions - 1}, got {ep.act.min()}..{ep.act.max()}")
         name = f"episode_{index:06d}.partial_{ep.num_steps:06d}.npz" if in_progress else f"episode_{index:06d}.npz"
         data = encode_episode(ep)
         atomic_write_bytes(self.root / name, data)
-        return {"file": name, "num_steps": ep.num_steps, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        entry = {"file": name, "num_steps": ep.num_steps, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if writes is not None:
+            entry["writes"] = [int(w) for w in writes]
+        return entry
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -167,6 +187,12 @@ class EpisodeStore:
     def in_progress(self, index: int) -> bool:
         """Whether episode `index` was stored before it ended, to be replaced as it grows."""
         return ".partial_" in self._entries[index]["file"]
+
+    def write_history(self, index: int) -> list[int] | None:
+        """The step counts at which episode `index` was written, as recorded; None when none was
+        recorded (written once, at its full length)."""
+        writes = self._entries[index].get("writes")
+        return None if writes is None else list(writes)
 
     def __getitem__(self, index: int) -> Episode:
         if index < 0:
