@@ -51,8 +51,13 @@ def _kill_after_checkpoint_with_newer_episodes(args: list[str], cwd: Path, env: 
             proc.wait()
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rows_continue", [False, True], ids=["rows_restart_every_update", "rows_continue_across_updates"])
+def test_killed_run_resumes_to_the_same_result(tmp_path: Path, rows_continue: bool) -> None:
     params_dict = agent_params_dict(total_env_steps=400, checkpoint_every_epochs=2, test_every_epochs=3)
+    # Rows A8 and A9 of docs/official-parity.md: with rows going on across updates, the imagined
+    # rows in progress (frames, R's and the actor-critic's LSTM states, step counters) are saved.
+    params_dict["actor_critic"].update(continue_rows_across_updates=rows_continue,
+                                       burn_in="with_gradient_unmasked" if rows_continue else "detached_masked")
     params, run = prepare_run(tmp_path, params_dict, train_world_model=False)
     # Two copies of the same inputs: one run is left alone, the other is killed and restarted.
     other = tmp_path / "interrupted"
@@ -67,7 +72,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     assert not paths["out_checkpoint"].exists()  # outputs appear only on completion
     # The checkpoint had an episode in progress in the dataset (official src/coroutines/collector.py),
     # which the killed run then grew or ended: the resume must put it back as it was.
-    assert load_torch(paths["state_dir"] / "state.pt")["collection"]["episode"]["stored_index"] == saved - 1
+    checkpoint = load_torch(paths["state_dir"] / "state.pt")
+    assert checkpoint["collection"]["episode"]["stored_index"] == saved - 1
+    assert (checkpoint["imagination"] is not None) == rows_continue
     done = run_stage("train_agent", params, tmp_path, **paths)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
