@@ -233,8 +233,11 @@ class ImaginationEnv:
         first reset. No restart is ever pending between updates: ended rows restart within the step."""
         if self.obs_buffer is None:
             return None
-        return {"obs_buffer": self.obs_buffer, "act_buffer": self.act_buffer, "reward_state": tuple(self.reward_state),  # type: ignore[arg-type]
-                "steps": self.steps, "carry": None if self.carry is None else vars(self.carry).copy()}
+        # copies: a step changes the buffers in place
+        carry = None if self.carry is None else {k: v.clone() for k, v in vars(self.carry).items()}
+        return {"obs_buffer": self.obs_buffer.clone(), "act_buffer": self.act_buffer.clone(),  # type: ignore[union-attr]
+                "reward_state": tuple(x.clone() for x in self.reward_state),  # type: ignore[union-attr]
+                "steps": self.steps.clone(), "carry": carry}  # type: ignore[union-attr]
 
     def load_state_dict(self, state: dict[str, object] | None) -> None:
         """Restore `state_dict`'s rows (None: no rows yet)."""
