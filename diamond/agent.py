@@ -10,6 +10,7 @@ off-policy; the data is mostly from the current policy, recency-weighted).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,8 @@ from torch.distributions import Categorical
 from diamond.config import ActorCriticConfig, ConfigError
 from diamond.data import SegmentSampler
 from diamond.frames import to_float
-from diamond.imagination import ImaginationEnv, categorical
-from diamond.models.actor_critic import ActorCritic
+from diamond.imagination import Carry, ImaginationEnv, Restart, categorical
+from diamond.models.actor_critic import ActorCritic, HiddenState
 from diamond.returns import lambda_returns
 from diamond.training import read_metrics
 
@@ -52,23 +53,51 @@ def _combine(
     return loss, metrics
 
 
+@dataclass
+class ImaginedWindow:
+    """One update's window of imagined steps, each (B, H): what the loss is computed from."""
+
+    log_probs: torch.Tensor  # log pi(a_t | s_t), with gradient
+    entropies: torch.Tensor  # entropy of pi(. | s_t), with gradient
+    values: torch.Tensor  # V(s_t), with gradient
+    next_values: torch.Tensor  # V of the true next state (no gradient): the bootstrap targets
+    rewards: torch.Tensor  # sign(reward) in {-1, 0, 1}
+    terminated: torch.Tensor  # bool
+    truncated: torch.Tensor  # bool
+
+    def lambda_returns(self, cfg: ActorCriticConfig) -> torch.Tensor:
+        return lambda_returns(self.rewards, self.next_values, self.terminated, self.truncated, cfg.gamma, cfg.lambda_)
+
+
 def imagination_loss(
     ac: ActorCritic, env: ImaginationEnv, cfg: ActorCriticConfig, forward: Callable[..., Any] | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Imagine `cfg.horizon` steps from fresh real starts and return the actor-critic loss.
+    """Imagine `cfg.horizon` steps (`imagine_window`) and return the actor-critic loss."""
+    window = imagine_window(ac, env, cfg, forward)
+    values = window.values
+    valid = torch.ones_like(values, dtype=torch.bool)
+    loss, metrics = _combine(cfg, window.log_probs, window.entropies, values, window.lambda_returns(cfg), valid)
+    metrics["imagined_reward_mean"] = window.rewards.mean()
+    metrics["imagined_termination_rate"] = window.terminated.float().mean()
+    return loss, read_metrics(metrics)
+
+
+def imagine_window(
+    ac: ActorCritic, env: ImaginationEnv, cfg: ActorCriticConfig, forward: Callable[..., Any] | None = None
+) -> ImaginedWindow:
+    """Imagine `cfg.horizon` steps with the actor-critic acting, from fresh real starts or (params
+    actor_critic.continue_rows_across_updates) from where the last window left its rows.
 
     `forward` is the actor-critic's forward at each imagined step (default `ac` itself; the
     loop passes a compiled one under params compile_imagination); burn-ins stay eager."""
     forward = ac if forward is None else forward
-    obs, start = env.reset()
-    with torch.no_grad():
-        state = ac.burn_in(start.context_obs, start.context_mask)
+    obs, state = _window_start(ac, env, cfg)
     log_probs, entropies, values, next_values = [], [], [], []
     rewards, terminated, truncated = [], [], []
     for _ in range(cfg.horizon):
         logits, value, state = forward(obs, state)
         dist = categorical(logits)
-        action = dist.sample()
+        action = env.draws.sample(logits, "action")
         step = env.step(action)
         log_probs.append(dist.log_prob(action))
         entropies.append(dist.entropy())
@@ -81,17 +110,37 @@ def imagination_loss(
             # at the next step, here only as a target.
             _, next_value, _ = forward(step.final_obs, state)
             next_values.append(next_value)
-        state = ac.restart_rows(state, step.restart.rows, step.restart.context_obs, step.restart.context_mask)
+        state = _restart_rows(ac, cfg, state, step.restart)
         obs = step.obs
+    if cfg.continue_rows_across_updates:
+        env.carry = Carry(obs, state[0].detach(), state[1].detach())
     stack = lambda xs: torch.stack(xs, dim=1)  # noqa: E731
-    values_t = stack(values)
-    returns = lambda_returns(
-        stack(rewards), stack(next_values), stack(terminated), stack(truncated), cfg.gamma, cfg.lambda_
-    )
-    loss, metrics = _combine(cfg, stack(log_probs), stack(entropies), values_t, returns, torch.ones_like(values_t, dtype=torch.bool))
-    metrics["imagined_reward_mean"] = stack(rewards).mean()
-    metrics["imagined_termination_rate"] = stack(terminated).float().mean()
-    return loss, read_metrics(metrics)
+    return ImaginedWindow(stack(log_probs), stack(entropies), stack(values), stack(next_values),
+                          stack(rewards), stack(terminated), stack(truncated))
+
+
+def _window_start(ac: ActorCritic, env: ImaginationEnv, cfg: ActorCriticConfig) -> tuple[torch.Tensor, HiddenState]:
+    """The observation and LSTM state an update's window starts from.
+
+    Rows going on across updates (A8 of docs/official-parity.md): the last window's carry; the
+    run's first window starts the rows from a zero LSTM state, with no burn-in, as the official
+    env loop does (src/coroutines/env_loop.py:18-22). Otherwise every row restarts here, burnt in."""
+    if cfg.continue_rows_across_updates and env.carry is not None:
+        return env.carry.obs, (env.carry.hx, env.carry.cx)
+    obs, start = env.reset()
+    if cfg.continue_rows_across_updates:
+        return obs, ac.initial_state(obs.shape[0], obs.device)
+    if cfg.burn_in == "with_gradient_unmasked":
+        return obs, ac.burn_in(start.context_obs)
+    with torch.no_grad():
+        return obs, ac.burn_in(start.context_obs, start.context_mask)
+
+
+def _restart_rows(ac: ActorCritic, cfg: ActorCriticConfig, state: HiddenState, restart: Restart) -> HiddenState:
+    """`ActorCritic.restart_rows` as params actor_critic.burn_in says (row A9 of docs/official-parity.md)."""
+    if cfg.burn_in == "with_gradient_unmasked":
+        return ac.restart_rows(state, restart.rows, restart.context_obs, None, with_gradient=True)
+    return ac.restart_rows(state, restart.rows, restart.context_obs, restart.context_mask)
 
 
 def compiled_forward(ac: ActorCritic) -> Callable[..., Any]:

@@ -192,6 +192,20 @@ class ActorCriticConfig:
     value_loss_weight: float
     batch_size: int
     optimizer: OptimizerConfig
+    # Row A8 of docs/official-parity.md (official src/coroutines/env_loop.py:18-25,
+    # src/envs/world_model_env.py:56-89): true, the official persistent env loop: imagined rows
+    # go on across updates (truncated `horizon` steps after their own start), the actor-critic's
+    # LSTM state carried over detached, and the run's first start has no actor-critic burn-in;
+    # false, every update restarts all rows from fresh real starts.
+    continue_rows_across_updates: bool
+    # Row A9 (official src/coroutines/env_loop.py:47-56): how the actor-critic's LSTM is warmed up
+    # on a start's context frames. "with_gradient_unmasked": inside the update's graph, padded
+    # frames fed as they are (official); "detached_masked": under no_grad, the state zeroed after
+    # padded frames.
+    burn_in: str
+
+
+BURN_IN_MODES = ("detached_masked", "with_gradient_unmasked")
 
 
 @dataclass(frozen=True)
@@ -438,6 +452,10 @@ def _validate(p: Params) -> None:
         raise ConfigError(
             f"world_model.sampler.initial_noise: {p.world_model.sampler.initial_noise!r} is not 'unit' or 'sigma_max'"
         )
+    if p.actor_critic.burn_in not in BURN_IN_MODES:
+        raise ConfigError(
+            f"actor_critic.burn_in: {p.actor_critic.burn_in!r} is not one of {', '.join(map(repr, BURN_IN_MODES))}"
+        )
     if p.world_model.denoiser.quantization not in ("nearest", "truncate"):
         raise ConfigError(
             f"world_model.denoiser.quantization: {p.world_model.denoiser.quantization!r} is not 'nearest' or 'truncate'"
@@ -597,6 +615,8 @@ OFFICIAL_BEHAVIOUR: dict[str, tuple[Any, str]] = {
     "world_model.reward_end.segment_window": ("both_sides", "C3"),
     "env.life_counter": ("decreases_only", "P8"),
     "world_model.training_frames": ("resaved_per_write", "C9"),
+    "actor_critic.continue_rows_across_updates": (True, "A8"),
+    "actor_critic.burn_in": ("with_gradient_unmasked", "A9"),
 }
 
 

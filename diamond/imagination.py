@@ -49,6 +49,31 @@ def categorical(logits: torch.Tensor) -> torch.distributions.Categorical:
     return torch.distributions.Categorical(logits=logits, validate_args=False)
 
 
+class Draws:
+    """The random draws of imagination, from torch's global generator: the sampler's noise, and
+    the categorical samples of the action ("action"), sign(reward) ("reward") and termination
+    ("end"), in the order a step makes them. A seam for tests that replay another code's draws
+    (tests/test_official_actor_critic_update.py); the default is the draws as they always were."""
+
+    def noise(self, sampler: DiffusionSampler, obs_buffer: torch.Tensor) -> list[torch.Tensor]:
+        return sampler.draw_noise(obs_buffer)
+
+    def sample(self, logits: torch.Tensor, what: str) -> torch.Tensor:
+        """A class index (B,) long from `logits` (B, K); `what` names the draw."""
+        return categorical(logits).sample()
+
+
+@dataclass
+class Carry:
+    """What the actor-critic hands from one update to the next when rows go on across updates
+    (params actor_critic.continue_rows_across_updates; official src/coroutines/env_loop.py:24-25,
+    where hx and cx are detached at each window's start)."""
+
+    obs: torch.Tensor  # float (B, 3, H, W): the observation to act on next
+    hx: torch.Tensor  # (B, D), detached
+    cx: torch.Tensor  # (B, D), detached
+
+
 def _where_rows(rows: torch.Tensor, new: object, old: object) -> object:
     """`new` on the rows where `rows` (B,) is True, `old` elsewhere, for a tensor or a tuple of
     tensors whose batch dimension is the second to last (LSTM states: (layers, B, D))."""
@@ -87,6 +112,10 @@ class ImaginationEnv:
         self.act_buffer: torch.Tensor | None = None  # (B, L): the L-1 past actions, then the one to play
         self.reward_state: object = None  # reward/termination LSTM state
         self.steps: torch.Tensor | None = None  # (B,) imagined steps since each row's start
+        self.draws = Draws()
+        # The actor-critic's side between updates when rows go on across updates; None before
+        # the first update, and always when every update restarts all rows.
+        self.carry: Carry | None = None
         # params compile_imagination: the step's sampler integration and R in one compiled
         # function (CUDA graphs on a GPU); its random numbers are drawn outside it, in eager's order.
         # fullgraph: a graph break would split the CUDA graph and add host round trips, so one is
@@ -154,7 +183,7 @@ class ImaginationEnv:
         if self.obs_buffer is None or self.act_buffer is None or self.steps is None:
             raise RuntimeError("ImaginationEnv.step called before reset")
         self.act_buffer[:, -1] = action
-        noise = self.sampler.draw_noise(self.obs_buffer)
+        noise = self.draws.noise(self.sampler, self.obs_buffer)
         if self.compiled:
             # A new CUDA graph tree step: the last replay's outputs were copied out below, so its
             # buffers may be reused (without this, each call would check for live outputs).
@@ -165,8 +194,8 @@ class ImaginationEnv:
         if self.compiled:  # CUDA graphs reuse their output buffers at the next replay: keep copies
             next_obs, self.reward_state = next_obs.clone(), tuple(s.clone() for s in self.reward_state)
         # Sample sign(reward) in {-1, 0, 1} and termination from the predicted distributions.
-        reward = categorical(logits_rew[:, 0]).sample().float() - 1.0
-        terminated = categorical(logits_end[:, 0]).sample().bool()
+        reward = self.draws.sample(logits_rew[:, 0], "reward").float() - 1.0
+        terminated = self.draws.sample(logits_end[:, 0], "end").bool()
         self.steps += 1
         truncated = (self.steps >= self.horizon) & ~terminated
         self.obs_buffer = torch.cat([self.obs_buffer[:, 1:], next_obs[:, None]], dim=1)
@@ -197,3 +226,23 @@ class ImaginationEnv:
             obs = torch.where(ended[:, None, None, None], full_obs[:, -1], next_obs)
             context_obs, context_mask = full_obs[:, :-1], full_mask[:, :-1]
         return ImaginedStep(obs, reward, terminated, truncated, next_obs, Restart(ended, context_obs, context_mask))
+
+    def state_dict(self) -> dict[str, object] | None:
+        """The rows in progress (frames, actions, R's LSTM state, step counters) and the
+        actor-critic's carry, for exact resume when rows go on across updates; None before the
+        first reset. No restart is ever pending between updates: ended rows restart within the step."""
+        if self.obs_buffer is None:
+            return None
+        # copies: a step changes the buffers in place
+        carry = None if self.carry is None else {k: v.clone() for k, v in vars(self.carry).items()}
+        return {"obs_buffer": self.obs_buffer.clone(), "act_buffer": self.act_buffer.clone(),  # type: ignore[union-attr]
+                "reward_state": tuple(x.clone() for x in self.reward_state),  # type: ignore[union-attr]
+                "steps": self.steps.clone(), "carry": carry}  # type: ignore[union-attr]
+
+    def load_state_dict(self, state: dict[str, object] | None) -> None:
+        """Restore `state_dict`'s rows (None: no rows yet)."""
+        if state is None:
+            return
+        self.obs_buffer, self.act_buffer = state["obs_buffer"], state["act_buffer"]  # type: ignore[assignment]
+        self.reward_state, self.steps = tuple(state["reward_state"]), state["steps"]  # type: ignore[arg-type,assignment]
+        self.carry = None if state["carry"] is None else Carry(**state["carry"])  # type: ignore[arg-type]

@@ -10,7 +10,8 @@ real-interaction budget (`total_env_steps`, initial collection included) is spen
 
 Resume (the scheme of diamond/resume.py, shared with diamond/world_model_loop.py). The whole state (models, optimisers, epoch, step counts, the dataset's episode count,
 numpy and torch random states, and the collection in progress: the emulator's state with its
-random state, the unfinished episode's frames and the policy's LSTM state) is saved atomically
+random state, the unfinished episode's frames and the policy's LSTM state; and, when imagined
+rows go on across updates, the rows in progress) is saved atomically
 every `checkpoint_every_epochs` epochs, so a resumed run continues the very game it was playing
 and collects exactly the episodes of an uninterrupted run. Episodes a killed run appended after
 its last checkpoint are dropped on resume, and the episode in progress is put back as it was at
@@ -78,6 +79,9 @@ class AgentRun:
     # is compiled once per process; not saved
     imagination: ImaginationEnv | None = None
     actor_critic_forward: Callable[..., Any] | None = None
+    # A resumed run's imagined rows in progress (params actor_critic.continue_rows_across_updates),
+    # put into the ImaginationEnv when it is built
+    imagination_state: dict[str, Any] | None = None
 
     @property
     def collect_epochs(self) -> int:
@@ -163,6 +167,8 @@ def _train_actor_critic(run: AgentRun, num_steps: int) -> dict[str, float]:
         )
         if p.compile_imagination:
             run.actor_critic_forward = compiled_forward(run.actor_critic)
+        run.imagination.load_state_dict(run.imagination_state)
+        run.imagination_state = None
     imagination = run.imagination
     imagination.segments = segments
     wm.denoiser.eval()
@@ -290,7 +296,16 @@ def save_state(run: AgentRun, path: Path, key: str) -> None:
         **rng_state(_generators(run)),
         "curve": run.curve,
         "collection": _collection_state(run),
+        "imagination": _imagination_state(run),
     })
+
+
+def _imagination_state(run: AgentRun) -> dict[str, Any] | None:
+    """The imagined rows in progress when they go on across updates (row A8 of
+    docs/official-parity.md); None otherwise, as every update then starts afresh."""
+    if not run.params.actor_critic.continue_rows_across_updates:
+        return None
+    return run.imagination.state_dict() if run.imagination is not None else run.imagination_state
 
 
 def _generators(run: AgentRun) -> dict[str, np.random.Generator]:
@@ -326,6 +341,7 @@ def load_state(run: AgentRun, state_dir: Path) -> AgentRun:
     run.curve = list(state["curve"])
     run.store = truncate_store(run.store, int(state["num_episodes"]))
     _restore_collection(run, state["collection"])
+    run.imagination_state = state.get("imagination")
     return run
 
 

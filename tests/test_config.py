@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
         (lambda d: d["world_model"].update(batch_size=0), "world_model.batch_size: 0 must be >= 1"),
         (lambda d: d.update(runs_per_gpu=0), "runs_per_gpu: 0 must be >= 1"),
         (lambda d: d["aggregate"].update(reference_methods=["Dreamer"]), "aggregate.reference_methods: unknown method 'Dreamer'"),
+        (lambda d: d["actor_critic"].update(burn_in="sometimes"),
+         "actor_critic.burn_in: 'sometimes' is not one of 'detached_masked', 'with_gradient_unmasked'"),
         (lambda d: d["world_model"]["reward_end"].update(segment_length=19),
          "world_model.reward_end.segment_length: derived (actor_critic.horizon + world_model.denoiser.num_conditioning_frames)"),
     ],

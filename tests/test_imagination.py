@@ -284,3 +284,49 @@ def test_compiled_imagination_gives_eager_results(tiny_params: Params, store: Ep
     for (old_loss, old_m), (new_loss, new_m) in zip(eager_losses, losses, strict=True):
         torch.testing.assert_close(new_loss, old_loss, atol=1e-4, rtol=1e-4)
         assert new_m == pytest.approx(old_m, rel=1e-3, abs=1e-5)
+
+
+def _official_loop_updates(cfg, env: ImaginationEnv, ac: ActorCritic, n: int) -> list[float]:
+    """`n` updates with rows going on across them (official env loop, rows A8 and A9); their losses."""
+    cfg = dataclasses.replace(cfg, continue_rows_across_updates=True, burn_in="with_gradient_unmasked")
+    losses = []
+    for _ in range(n):
+        loss, _ = imagination_loss(ac, env, cfg)
+        loss.backward()  # frees the window's graph, the burn-ins' (with gradient) included
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_rows_going_on_across_updates_resume_exactly(tiny_params: Params, store: EpisodeStore) -> None:
+    """The imagined rows in progress (ImaginationEnv.state_dict, with the actor-critic's carry) are
+    all there is to resume: a fresh env loaded with them after update 2 gives update 3 as the
+    uninterrupted env does; a fresh env without them starts its rows over and differs."""
+    def fresh() -> tuple[ImaginationEnv, ActorCritic]:
+        env = _env(tiny_params, store, horizon=3, batch=3)
+        _force_end(env.reward_end, end=False)  # rows end by truncation only
+        torch.manual_seed(4)
+        ac = ActorCritic(tiny_params.actor_critic, num_actions(GAME), tiny_params.env.obs_size)
+        with torch.no_grad():  # non-zero heads: the losses then depend on the frames and the LSTM states
+            ac.actor.weight.normal_(0.0, 0.5)
+            ac.critic.weight.normal_(0.0, 0.5)
+        return env, ac
+
+    cfg = dataclasses.replace(tiny_params.actor_critic, horizon=2)  # windows of 2 steps, rows truncated after 3
+    env, ac = fresh()
+    torch.manual_seed(5)
+    _official_loop_updates(cfg, env, ac, 2)
+    assert env.carry is not None and env.steps.tolist() == [1, 1, 1]  # rows restarted inside update 2 go on
+    saved, rng, segments = env.state_dict(), torch.get_rng_state(), env.segments.rng.bit_generator.state
+    third = _official_loop_updates(cfg, env, ac, 1)
+
+    def third_update_of_a_fresh_env(state: dict | None) -> list[float]:
+        other, other_ac = fresh()
+        other_ac.load_state_dict(ac_after_two)
+        other.load_state_dict(state)
+        other.segments.rng.bit_generator.state = segments
+        torch.set_rng_state(rng)
+        return _official_loop_updates(cfg, other, other_ac, 1)
+
+    ac_after_two = {k: v.clone() for k, v in ac.state_dict().items()}  # no optimiser step: weights unchanged
+    assert third_update_of_a_fresh_env(saved) == third
+    assert third_update_of_a_fresh_env(None) != third

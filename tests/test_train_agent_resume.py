@@ -68,7 +68,11 @@ def _run_whole_and_killed(tmp_path: Path, params_dict: dict) -> tuple[Path, Path
     assert not paths["out_checkpoint"].exists()  # outputs appear only on completion
     # The checkpoint had an episode in progress in the dataset (official src/coroutines/collector.py),
     # which the killed run then grew or ended: the resume must put it back as it was.
-    assert load_torch(paths["state_dir"] / "state.pt")["collection"]["episode"]["stored_index"] == saved - 1
+    checkpoint = load_torch(paths["state_dir"] / "state.pt")
+    assert checkpoint["collection"]["episode"]["stored_index"] == saved - 1
+    # A8: with rows going on across updates, the imagined rows in progress (frames, R's and the
+    # actor-critic's LSTM states, step counters) are state too
+    assert (checkpoint["imagination"] is not None) == params_dict["actor_critic"]["continue_rows_across_updates"]
     done = run_stage("train_agent", params, tmp_path, **paths)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
@@ -115,7 +119,8 @@ def test_killed_run_with_the_official_switches_resumes_to_the_same_result(tmp_pa
     # Every official-behaviour switch on (diamond.config.OFFICIAL_BEHAVIOUR, docs/official-parity.md).
     # The segment placements (C3, C7, C8) draw differently from the same stream; the re-saved
     # training frames (C9) make each episode's write history state: the resumed run must record,
-    # and so train on, the same re-saved frames.
+    # and so train on, the same re-saved frames; the imagined rows continue across updates (A8),
+    # so the rows in progress are saved and restored.
     params_dict = agent_params_dict(total_env_steps=400, checkpoint_every_epochs=2, test_every_epochs=3)
     for key, (official, _) in OFFICIAL_BEHAVIOUR.items():
         section = params_dict

@@ -67,18 +67,20 @@ class ActorCritic(nn.Module):
         return state
 
     def restart_rows(
-        self, state: HiddenState, rows: torch.Tensor, context_obs: torch.Tensor, context_mask: torch.Tensor
+        self, state: HiddenState, rows: torch.Tensor, context_obs: torch.Tensor, context_mask: torch.Tensor | None,
+        with_gradient: bool = False,
     ) -> HiddenState:
         """The state with the rows where `rows` (B,) is True replaced by a burn-in on their context.
 
         `context_obs` (B, T, 3, H, W) and `context_mask` (B, T) are aligned with the batch (rows that
         go on may hold anything); with 0 rows, no row restarts (diamond.imagination.Restart). Static
         shapes, no host sync: the burn-in runs on all B rows and torch.where keeps the rows that go
-        on, with their gradient path.
+        on, with their gradient path. `with_gradient`: the burn-in is part of the graph, as in the
+        official env loop (src/coroutines/env_loop.py:53-56; params actor_critic.burn_in).
         """
         if context_obs.shape[0] == 0:
             return state
-        with torch.no_grad():
+        with torch.set_grad_enabled(with_gradient and torch.is_grad_enabled()):
             warmed = self.burn_in(context_obs, context_mask)
         # Under autocast the burn-in's state may come out in another dtype than the running state: cast it.
         keep = rows[:, None]
