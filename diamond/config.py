@@ -61,6 +61,9 @@ class OptimizerConfig:
     eps: float
     weight_decay: float
     warmup_steps: int
+    # Step k (0-based) of the warm-up uses lr*k/warmup_steps, so the first update has lr 0, as the
+    # official LambdaLR (src/utils.py:177-181; docs/official-parity.md, row O3); false: lr*(k+1)/warmup_steps.
+    warmup_starts_at_zero: bool
     max_grad_norm: float
 
 
@@ -547,7 +550,10 @@ def _validate_study(s: StudyConfig, ddpm_num_timesteps: int, games: tuple[str, .
 # docs/official-parity.md). Table 1 came from that code, quirks included, so configs/paper.yaml and
 # configs/released.yaml set every one to the official value; the small configs keep ours
 # (tests/test_config.py).
-OFFICIAL_BEHAVIOUR: dict[str, tuple[Any, str]] = {}
+OFFICIAL_BEHAVIOUR: dict[str, tuple[Any, str]] = {
+    **{f"{opt}.warmup_starts_at_zero": (True, "O3")
+       for opt in ("world_model.denoiser_optimizer", "world_model.reward_end_optimizer", "actor_critic.optimizer")},
+}
 
 
 # Derived fields: (dotted key, what it is derived from). A params file may not set them.

@@ -144,12 +144,20 @@ class Denoiser(nn.Module):
         log_sigma = torch.randn(n, device=device) * cfg.train_log_sigma_scale + cfg.train_log_sigma_loc
         return log_sigma.exp().clamp(cfg.train_sigma_min, cfg.train_sigma_max)
 
-    def edm_training_inputs(self, target_obs: Tensor) -> TrainingInputs:
-        """x_noisy = x0 + sigma N(0, I) + offset noise; F's target (x0 - c_skip x_noisy) / c_out."""
+    def edm_training_draws(self, target_obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The random draws of one EDM training target, in this order: sigma (B,), the pixel noise
+        N(0, I) shaped like `target_obs`, the offset noise N(0, I) of shape (B, 3, 1, 1). The official
+        code draws the offset before the pixel noise (src/models/diffusion/denoiser.py:61-64);
+        tests/test_official_updates.py replaces this method to feed both codes the same draws."""
         b = target_obs.shape[0]
         sigma = self.sample_training_sigma(b, target_obs.device)
-        noise = torch.randn_like(target_obs) * sigma[:, None, None, None]
-        noise = noise + self.cfg.sigma_offset_noise * torch.randn(b, 3, 1, 1, device=target_obs.device)
+        return sigma, torch.randn_like(target_obs), torch.randn(b, 3, 1, 1, device=target_obs.device)
+
+    def edm_training_inputs(self, target_obs: Tensor) -> TrainingInputs:
+        """x_noisy = x0 + sigma N(0, I) + offset noise; F's target (x0 - c_skip x_noisy) / c_out."""
+        sigma, normal, offset_normal = self.edm_training_draws(target_obs)
+        noise = normal * sigma[:, None, None, None]
+        noise = noise + self.cfg.sigma_offset_noise * offset_normal
         x_noisy = target_obs + noise
         c_in, c_out, c_skip, c_noise = (c[:, None, None, None] for c in self.conditioners(sigma))
         target = (target_obs - c_skip * x_noisy) / c_out
@@ -199,15 +207,17 @@ class Denoiser(nn.Module):
         obs = seg.obs.unfold(1, L + 1 + k, 1).permute(0, 1, 5, 2, 3, 4).flatten(0, 1)  # (B', L+1+k, 3, H, W)
         act = seg.act.unfold(1, L + k, 1)[:, : n - L - k + 1].flatten(0, 1)  # (B', L+k)
         mask = seg.mask.unfold(1, L + 1 + k, 1).flatten(0, 1)  # (B', L+1+k)
-        # The frames the contexts read; targets are overwritten by D's estimates as it goes.
-        frames = obs.clone() if k > 0 else obs
+        # The frames contexts and targets read, padding zeroed (as in imagination from a short
+        # history, and the official zero padding, src/data/utils.py:24-30); each target is then
+        # overwritten by D's estimate, even a padded one, as the official forward does
+        # (src/models/diffusion/denoiser.py:93-122): a later context reads that estimate.
+        frames = obs * mask[:, :, None, None, None]
         training_inputs = self.edm_training_inputs if self.cfg.formulation == "edm" else self.ddpm_training_inputs
         losses = []
         for i in range(k + 1):
-            # Padding before the episode start becomes zeros, as in imagination from a short history.
-            prev_obs = frames[:, i : i + L] * mask[:, i : i + L, None, None, None]
+            prev_obs = frames[:, i : i + L]
             weight = mask[:, L + i].float()
-            x_in, c_noise, target, to_estimate = training_inputs(obs[:, L + i])
+            x_in, c_noise, target, to_estimate = training_inputs(frames[:, L + i])
             out = self.network(x_in, c_noise, prev_obs, act[:, i : i + L]).float()
             per_sample = F.mse_loss(out, target, reduction="none").mean(dim=(1, 2, 3))
             losses.append((per_sample * weight).sum() / weight.sum().clamp(min=1))
