@@ -207,17 +207,15 @@ class Denoiser(nn.Module):
         obs = seg.obs.unfold(1, L + 1 + k, 1).permute(0, 1, 5, 2, 3, 4).flatten(0, 1)  # (B', L+1+k, 3, H, W)
         act = seg.act.unfold(1, L + k, 1)[:, : n - L - k + 1].flatten(0, 1)  # (B', L+k)
         mask = seg.mask.unfold(1, L + 1 + k, 1).flatten(0, 1)  # (B', L+1+k)
-        # The frames contexts and targets read, padding zeroed (as in imagination from a short
-        # history, and the official zero padding, src/data/utils.py:24-30); each target is then
-        # overwritten by D's estimate, even a padded one, as the official forward does
-        # (src/models/diffusion/denoiser.py:93-122): a later context reads that estimate.
-        frames = obs * mask[:, :, None, None, None]
+        # The frames the contexts read; targets are overwritten by D's estimates as it goes.
+        frames = obs.clone() if k > 0 else obs
         training_inputs = self.edm_training_inputs if self.cfg.formulation == "edm" else self.ddpm_training_inputs
         losses = []
         for i in range(k + 1):
-            prev_obs = frames[:, i : i + L]
+            # Padding before the episode start becomes zeros, as in imagination from a short history.
+            prev_obs = frames[:, i : i + L] * mask[:, i : i + L, None, None, None]
             weight = mask[:, L + i].float()
-            x_in, c_noise, target, to_estimate = training_inputs(frames[:, L + i])
+            x_in, c_noise, target, to_estimate = training_inputs(obs[:, L + i])
             out = self.network(x_in, c_noise, prev_obs, act[:, i : i + L]).float()
             per_sample = F.mse_loss(out, target, reduction="none").mean(dim=(1, 2, 3))
             losses.append((per_sample * weight).sum() / weight.sum().clamp(min=1))
