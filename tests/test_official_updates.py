@@ -18,6 +18,7 @@ official change of each tensor plus the weight's float32 rounding (`assert_chang
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,8 +31,8 @@ from diamond.config import params_from_dict
 from diamond.data.sampler import Segment
 from diamond.models.actor_critic import ActorCritic
 from diamond.official import load_official, map_key
-from diamond.training import training_step
-from diamond.world_model import WorldModel, build_world_model
+from diamond.training import training_step, weight_decay_groups
+from diamond.world_model import WorldModel, build_world_model, load_world_model, save_world_model
 from conftest import ROOT
 from test_official_parity import fixture_params_dict
 
@@ -162,3 +163,49 @@ def test_our_warmup_moves_the_first_step_and_misses_the_official_changes() -> No
     assert any(not torch.equal(after1[k], before[k]) for k in before)
     with pytest.raises(AssertionError):
         assert_changes_match(before, after3, ours_change(fx["change_after_3"], "reward_end"))
+
+
+@pytest.mark.parametrize(("starts_at_zero", "expected"), [(True, [0.0, 1e-6, 9.9e-5, 1e-4, 1e-4]),
+                                                            (False, [1e-6, 2e-6, 1e-4, 1e-4, 1e-4])])
+def test_warmup_schedule(starts_at_zero: bool, expected: list[float]) -> None:
+    """Steps 0, 1, 99, 100, 150 of a 100-step warm-up to lr 1e-4: the official LambdaLR
+    (src/utils.py:177-181) reaches the full rate one step later than ours."""
+    trainer = official_world_model(starts_at_zero).reward_end_trainer
+    assert [trainer.lr_at(k) for k in (0, 1, 99, 100, 150)] == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_the_official_warmup_resumes_exactly(tmp_path: Path) -> None:
+    """3 updates, the world-model checkpoint written and read back (train-world-model's resume
+    path), 2 more: the same weights as 5 straight updates, since the rate follows the saved
+    step count."""
+    fx = load_fixture("reward_end")
+    seg = reward_end_segment(fx)
+
+    def updates(wm: WorldModel, n: int) -> WorldModel:
+        wm.reward_end.train()
+        for _ in range(n):
+            training_step(wm.reward_end_trainer, wm.reward_end.compute_loss, seg)
+        return wm
+
+    straight = updates(official_world_model(), 5)
+    save_world_model(tmp_path / "wm.pt", updates(official_world_model(), 3))
+    resumed = updates(load_world_model(tmp_path / "wm.pt", torch.device("cpu"), straight.cfg), 2)
+    assert resumed.reward_end_steps == straight.reward_end_steps == 5
+    for k, v in straight.reward_end.state_dict().items():
+        assert torch.equal(resumed.reward_end.state_dict()[k], v), k
+
+
+def test_weight_decay_groups_are_the_official_ones() -> None:
+    """The parameters in each AdamW group, by name, are those of the official configure_opt
+    (src/utils.py:129-166) for all three networks (tiny_weight_decay_groups.json). The update
+    comparisons above cannot tell the groups apart: at lr 2e-6 a decay of 1e-2 moves a weight of
+    0.1 by 2e-9, below float32 resolution."""
+    official = json.loads((FIXTURE / "tiny_weight_decay_groups.json").read_text())
+    p = params_from_dict(paper_update_params(True))
+    wm = build_world_model(p.world_model, 3, 16, torch.device("cpu"))
+    networks = {"denoiser": wm.denoiser, "rew_end_model": wm.reward_end, "actor_critic": ActorCritic(p.actor_critic, 3, 16)}
+    for name, model in networks.items():
+        ids = {id(q): n for n, q in model.named_parameters()}
+        decay, no_decay = weight_decay_groups(model)
+        assert {ids[id(q)] for q in decay} == {map_key(name, n) for n in official[name]["decay"]}, name
+        assert {ids[id(q)] for q in no_decay} == {map_key(name, n) for n in official[name]["no_decay"]}, name
