@@ -40,18 +40,30 @@ FIXTURE = Path(__file__).parent / "fixtures" / "official"
 PAPER_OPTIMISERS = ("denoiser_optimizer", "reward_end_optimizer")
 
 
-def paper_update_params(warmup_starts_at_zero: bool) -> dict:
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: the same reduction order on every machine, and no oversubscription of shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def paper_update_params(warmup_starts_at_zero: bool | None = None) -> dict:
     """The tiny official config with the paper's training settings: D's autoregressive step and
-    truncating quantization, and configs/paper.yaml's optimisers (`warmup_starts_at_zero` as given)."""
+    truncating quantization, and configs/paper.yaml's optimisers (`warmup_starts_at_zero` as there
+    unless given)."""
     d = fixture_params_dict()
     d["world_model"]["denoiser"].update(formulation="edm", num_autoregressive_steps=1, quantization="truncate")
     paper = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
     for name in PAPER_OPTIMISERS:
-        d["world_model"][name] = {**copy.deepcopy(paper["world_model"][name]), "warmup_starts_at_zero": warmup_starts_at_zero}
+        d["world_model"][name] = copy.deepcopy(paper["world_model"][name])
+        if warmup_starts_at_zero is not None:
+            d["world_model"][name]["warmup_starts_at_zero"] = warmup_starts_at_zero
     return d
 
 
-def official_world_model(warmup_starts_at_zero: bool = True) -> WorldModel:
+def official_world_model(warmup_starts_at_zero: bool | None = None) -> WorldModel:
     """Our world model at the tiny config, holding tiny_agent.pt's weights."""
     p = params_from_dict(paper_update_params(warmup_starts_at_zero))
     wm = build_world_model(p.world_model, 3, 16, torch.device("cpu"))
@@ -135,6 +147,11 @@ def assert_changes_match(before: dict, after: dict, official: dict[str, torch.Te
 def test_updates_match_the_official_trainer(network: str) -> None:
     fx = load_fixture(network)
     wm = official_world_model()
+    cfg = (wm.denoiser_trainer if network == "denoiser" else wm.reward_end_trainer).cfg
+    official = fx["optimizer"], fx["training"]
+    assert (cfg.lr, cfg.eps, cfg.weight_decay) == (official[0]["lr"], official[0]["eps"], official[0]["weight_decay"])
+    assert (cfg.warmup_steps, cfg.max_grad_norm) == (official[1]["lr_warmup_steps"], official[1]["max_grad_norm"])
+    assert cfg.warmup_starts_at_zero  # configs/paper.yaml's value
     if network == "denoiser":
         draws = inject_draws(wm, fx)
     metrics, before, after1, after3 = run_updates(wm, network, fx)
@@ -201,7 +218,7 @@ def test_weight_decay_groups_are_the_official_ones() -> None:
     comparisons above cannot tell the groups apart: at lr 2e-6 a decay of 1e-2 moves a weight of
     0.1 by 2e-9, below float32 resolution."""
     official = json.loads((FIXTURE / "tiny_weight_decay_groups.json").read_text())
-    p = params_from_dict(paper_update_params(True))
+    p = params_from_dict(paper_update_params())
     wm = build_world_model(p.world_model, 3, 16, torch.device("cpu"))
     networks = {"denoiser": wm.denoiser, "rew_end_model": wm.reward_end, "actor_critic": ActorCritic(p.actor_critic, 3, 16)}
     for name, model in networks.items():
