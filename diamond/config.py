@@ -66,6 +66,9 @@ class OptimizerConfig:
     eps: float
     weight_decay: float
     warmup_steps: int
+    # Step k (0-based) of the warm-up uses lr*k/warmup_steps, so the first update has lr 0, as the
+    # official LambdaLR (src/utils.py:177-181; docs/official-parity.md, row O3); false: lr*(k+1)/warmup_steps.
+    warmup_starts_at_zero: bool
     max_grad_norm: float
 
 
@@ -617,6 +620,8 @@ OFFICIAL_BEHAVIOUR: dict[str, tuple[Any, str]] = {
     "world_model.training_frames": ("resaved_per_write", "C9"),
     "actor_critic.continue_rows_across_updates": (True, "A8"),
     "actor_critic.burn_in": ("with_gradient_unmasked", "A9"),
+    **{f"{opt}.warmup_starts_at_zero": (True, "O3")
+       for opt in ("world_model.denoiser_optimizer", "world_model.reward_end_optimizer", "actor_critic.optimizer")},
 }
 
 

@@ -35,7 +35,7 @@ from diamond.frames import to_float, to_uint8
 from diamond.models.denoiser import Denoiser
 from diamond.progress import Progress
 from diamond.seeds import STUDY_SEGMENTS, stream_rng
-from diamond.training import Trainer
+from diamond.training import Trainer, training_step
 
 METRICS = ("mse", "psnr", "ssim")
 ROLLOUT_BATCH = 16  # rollouts imagined at once: bounds the memory of 1000-step horizons
@@ -107,8 +107,7 @@ def train_denoiser(
     progress = Progress(f"study: {cfg.denoiser.formulation} denoiser, seed {seed}", steps)
     for step in range(steps):
         seg = segments.sample(cfg.batch_size, cfg.denoiser.training_segment_steps).to_torch(device)
-        loss, metrics = denoiser.compute_loss(seg)
-        metrics = {**metrics, **trainer.step(loss)}
+        metrics = training_step(trainer, denoiser.compute_loss, seg)
         if on_step is not None:
             on_step(step + 1, metrics)
         progress.update()

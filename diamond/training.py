@@ -75,10 +75,14 @@ class Trainer:
         self.num_steps = 0
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of optimiser step `step` (0-based): lr * min(1, (step + 1) / warmup_steps)."""
+        """Learning rate of optimiser step `step` (0-based): lr * min(1, (step + 1) / warmup_steps),
+        or with `warmup_starts_at_zero` lr * min(1, step / warmup_steps), the official LambdaLR
+        (src/utils.py:177-181, stepped after each update in src/trainer.py:380-382), whose first
+        step has lr 0: AdamW then only fills its moments (docs/official-parity.md, row O3)."""
         if self.cfg.warmup_steps <= 0:
             return self.cfg.lr
-        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup_steps)
+        done = step if self.cfg.warmup_starts_at_zero else step + 1
+        return self.cfg.lr * min(1.0, done / self.cfg.warmup_steps)
 
     def step(self, loss: Tensor) -> dict[str, float]:
         """Backpropagate `loss`, clip, and take one AdamW step; returns grad_norm and lr."""
@@ -128,6 +132,13 @@ class SegmentSource(Protocol):
 LossFn = Callable[[Any], tuple[Tensor, dict[str, float]]]
 
 
+def training_step(trainer: Trainer, loss_fn: LossFn, seg: Any) -> dict[str, float]:
+    """One update of `trainer`'s model on the batch `seg`: the loss's metrics, grad_norm and lr
+    (official src/trainer.py `train_component`, one iteration; tests/test_official_updates.py)."""
+    loss, metrics = loss_fn(seg)
+    return {**metrics, **trainer.step(loss)}
+
+
 def train_steps(
     trainer: Trainer,
     loss_fn: LossFn,
@@ -147,8 +158,7 @@ def train_steps(
     metrics: dict[str, float] = {}
     for _ in range(num_steps):
         seg = sampler.sample(batch_size, segment_len).to_torch(device)
-        loss, metrics = loss_fn(seg)
-        metrics = {**metrics, **trainer.step(loss)}
+        metrics = training_step(trainer, loss_fn, seg)
         if on_log is not None:
             on_log(trainer.num_steps, metrics)
     return metrics

@@ -35,6 +35,7 @@ from diamond.models.reward_end import class_counts
 from diamond.progress import Progress
 from diamond.resume import RESUME_KEY, curve_csv_bytes, restore_rng_state, resume_key, rng_state
 from diamond.seeds import WORLD_MODEL_SEGMENTS, stream_rng
+from diamond.training import training_step
 from diamond.world_model import WorldModel, build_world_model, load_world_model, read_checkpoint, save_world_model
 
 CURVE_FIRST_COLUMNS = ("iteration", "denoiser_steps", "reward_end_steps")
@@ -170,12 +171,10 @@ def train(run: WorldModelRun) -> WorldModelRun:
     while wm.denoiser_steps < c.denoiser_steps or wm.reward_end_steps < c.reward_end_steps:
         if wm.denoiser_steps < c.denoiser_steps:
             seg = d_segments.sample(c.batch_size, c.denoiser.training_segment_steps).to_torch(device)
-            loss, metrics = wm.denoiser.compute_loss(seg)
-            curve.add("denoiser", {**metrics, **wm.denoiser_trainer.step(loss)})
+            curve.add("denoiser", training_step(wm.denoiser_trainer, wm.denoiser.compute_loss, seg))
         if wm.reward_end_steps < c.reward_end_steps:
             seg = r_segments.sample(c.batch_size, r_steps).to_torch(device)
-            loss, metrics = wm.reward_end.compute_loss(seg)
-            curve.add("reward_end", {**metrics, **wm.reward_end_trainer.step(loss)})
+            curve.add("reward_end", training_step(wm.reward_end_trainer, wm.reward_end.compute_loss, seg))
         run.iteration += 1
         progress.update()
         if run.iteration % c.log_every_steps == 0:

@@ -87,7 +87,7 @@ def test_fits_a_fixed_batch(tiny_params):
     # Labels are a function of the action, so a working model must fit them.
     torch.manual_seed(0)
     model = RewardEndModel(tiny_params.world_model.reward_end, num_actions=3, obs_size=16)  # make_segment frames
-    trainer = Trainer(model, OptimizerConfig(lr=3e-3, eps=1e-8, weight_decay=0.0, warmup_steps=1, max_grad_norm=100.0))
+    trainer = Trainer(model, OptimizerConfig(lr=3e-3, eps=1e-8, weight_decay=0.0, warmup_steps=1, warmup_starts_at_zero=False, max_grad_norm=100.0))
     seg = make_segment(4, 6)
     seg.rew = (seg.act.astype(np.float32) - 1) * 3
     seg.terminated = seg.act == 2

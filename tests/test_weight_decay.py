@@ -75,7 +75,7 @@ def test_a_parameter_of_an_unknown_layer_is_an_error():
 def test_adamw_decays_only_the_decay_group():
     # Zero gradients: AdamW's update is the decay alone, p <- p * (1 - lr * weight_decay).
     model = Small()
-    cfg = OptimizerConfig(lr=0.1, eps=1e-8, weight_decay=0.5, warmup_steps=0, max_grad_norm=1.0)
+    cfg = OptimizerConfig(lr=0.1, eps=1e-8, weight_decay=0.5, warmup_steps=0, warmup_starts_at_zero=False, max_grad_norm=1.0)
     trainer = Trainer(model, cfg)
     assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.5, 0.0]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -88,7 +88,7 @@ def test_adamw_decays_only_the_decay_group():
 
 def test_optimizer_state_of_another_layout_is_a_clear_error():
     model = Small()
-    cfg = OptimizerConfig(lr=1e-3, eps=1e-8, weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0)
+    cfg = OptimizerConfig(lr=1e-3, eps=1e-8, weight_decay=0.01, warmup_steps=0, warmup_starts_at_zero=False, max_grad_norm=1.0)
     trainer = Trainer(model, cfg)
     trainer.load_state_dict(Trainer(model, cfg).state_dict())  # same layout: fine
     old = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)  # the former single group
@@ -103,7 +103,7 @@ def test_foreach_adamw_updates_like_the_per_parameter_loop():
     torch.manual_seed(0)
     models = [Small(), Small()]
     models[1].load_state_dict(models[0].state_dict())
-    cfg = OptimizerConfig(lr=1e-2, eps=1e-8, weight_decay=0.1, warmup_steps=3, max_grad_norm=0.5)
+    cfg = OptimizerConfig(lr=1e-2, eps=1e-8, weight_decay=0.1, warmup_steps=3, warmup_starts_at_zero=False, max_grad_norm=0.5)
     trainer = Trainer(models[0], cfg)
     assert all(g["foreach"] for g in trainer.optimizer.param_groups)
     loop = Trainer(models[1], cfg)

@@ -144,12 +144,20 @@ class Denoiser(nn.Module):
         log_sigma = torch.randn(n, device=device) * cfg.train_log_sigma_scale + cfg.train_log_sigma_loc
         return log_sigma.exp().clamp(cfg.train_sigma_min, cfg.train_sigma_max)
 
-    def edm_training_inputs(self, target_obs: Tensor) -> TrainingInputs:
-        """x_noisy = x0 + sigma N(0, I) + offset noise; F's target (x0 - c_skip x_noisy) / c_out."""
+    def edm_training_draws(self, target_obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The random draws of one EDM training target, in this order: sigma (B,), the pixel noise
+        N(0, I) shaped like `target_obs`, the offset noise N(0, I) of shape (B, 3, 1, 1). The official
+        code draws the offset before the pixel noise (src/models/diffusion/denoiser.py:61-64);
+        tests/test_official_updates.py replaces this method to feed both codes the same draws."""
         b = target_obs.shape[0]
         sigma = self.sample_training_sigma(b, target_obs.device)
-        noise = torch.randn_like(target_obs) * sigma[:, None, None, None]
-        noise = noise + self.cfg.sigma_offset_noise * torch.randn(b, 3, 1, 1, device=target_obs.device)
+        return sigma, torch.randn_like(target_obs), torch.randn(b, 3, 1, 1, device=target_obs.device)
+
+    def edm_training_inputs(self, target_obs: Tensor) -> TrainingInputs:
+        """x_noisy = x0 + sigma N(0, I) + offset noise; F's target (x0 - c_skip x_noisy) / c_out."""
+        sigma, normal, offset_normal = self.edm_training_draws(target_obs)
+        noise = normal * sigma[:, None, None, None]
+        noise = noise + self.cfg.sigma_offset_noise * offset_normal
         x_noisy = target_obs + noise
         c_in, c_out, c_skip, c_noise = (c[:, None, None, None] for c in self.conditioners(sigma))
         target = (target_obs - c_skip * x_noisy) / c_out
