@@ -97,7 +97,7 @@ def ours(official: dict) -> list[dict]:
                              entropy_weight=c["weight_entropy_loss"], value_loss_weight=c["weight_value_loss"],
                              continue_rows_across_updates=True, burn_in="with_gradient_unmasked",
                              optimizer=dict(lr=c["lr"], eps=c["eps"], weight_decay=c["weight_decay"],
-                                            warmup_steps=c["warmup_steps"], max_grad_norm=c["max_grad_norm"]))
+                                            warmup_steps=c["warmup_steps"], warmup_starts_at_zero=True, max_grad_norm=c["max_grad_norm"]))
     d["actor_critic"]["lambda"] = d["actor_critic"].pop("lambda_")
     p = params_from_dict(d)
     denoiser, reward_end, ac = paper_models(p, 3, 16)
