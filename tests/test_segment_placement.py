@@ -169,6 +169,7 @@ def test_reward_end_sees_the_official_inputs_and_loss_mask(store, tiny_params):
 @pytest.mark.parametrize("section, key, value", [
     ("denoiser", "segment_end", "random"),
     ("denoiser", "segment_frames", "all"),
+    ("denoiser", "padded_target_feedback", "masked"),
     ("reward_end", "segment_window", "left"),
 ])
 def test_bad_placement_keys_are_one_line_errors(section, key, value):
