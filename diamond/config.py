@@ -106,6 +106,10 @@ class DenoiserConfig:
     # obs[0..T-1], the T frames an official episode stores, src/coroutines/collector.py:73-74;
     # docs/official-parity.md C8, D3).
     segment_frames: str
+    # padded_target_feedback: what a padding target (before the episode start) puts into the next
+    # target's context: "zeroed" (ours: zeros, as all padding) or "estimate" (official: D's
+    # estimate of it, unmasked, src/models/diffusion/denoiser.py:101,119; docs/official-parity.md D2).
+    padded_target_feedback: str
 
     @property
     def training_segment_steps(self) -> int:
@@ -465,6 +469,8 @@ def _validate(p: Params) -> None:
         )
     check_choice("world_model.denoiser.segment_end", p.world_model.denoiser.segment_end, SEGMENT_ENDS)
     check_choice("world_model.denoiser.segment_frames", p.world_model.denoiser.segment_frames, SEGMENT_FRAMES)
+    check_choice("world_model.denoiser.padded_target_feedback", p.world_model.denoiser.padded_target_feedback,
+                 PADDED_TARGET_FEEDBACKS)
     check_choice("world_model.reward_end.segment_window", p.world_model.reward_end.segment_window, SEGMENT_WINDOWS)
     check_choice("env.life_counter", p.env.life_counter, LIFE_COUNTERS)
     check_choice("world_model.training_frames", p.world_model.training_frames, TRAINING_FRAMES)
@@ -570,6 +576,8 @@ STUDY_FORMULATIONS = ("edm", "ddpm")
 SEGMENT_ENDS = ("uniform", "clipped")
 SEGMENT_FRAMES = ("with_final", "without_final")
 SEGMENT_WINDOWS = ("ends_at_step", "both_sides")
+# What a padding target feeds the next target's context (Denoiser.loss; docs/official-parity.md D2).
+PADDED_TARGET_FEEDBACKS = ("zeroed", "estimate")
 VARIANT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
@@ -615,6 +623,7 @@ def _validate_study(s: StudyConfig, ddpm_num_timesteps: int, games: tuple[str, .
 OFFICIAL_BEHAVIOUR: dict[str, tuple[Any, str]] = {
     "world_model.denoiser.segment_end": ("clipped", "C7"),
     "world_model.denoiser.segment_frames": ("without_final", "C8"),
+    "world_model.denoiser.padded_target_feedback": ("estimate", "D2"),
     "world_model.reward_end.segment_window": ("both_sides", "C3"),
     "env.life_counter": ("decreases_only", "P8"),
     "world_model.training_frames": ("resaved_per_write", "C9"),

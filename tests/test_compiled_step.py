@@ -10,6 +10,8 @@ own code is covered by tests/test_imagination.py::test_compiled_imagination_give
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -255,10 +257,15 @@ def loss_and_grads(model: torch.nn.Module, loss_fn: Callable, seg) -> tuple[list
     return [o.detach() for o in outs], [q.grad.clone() for q in model.parameters()]
 
 
-@pytest.mark.parametrize("model_name", ["denoiser", "reward_end"])
+@pytest.mark.parametrize("model_name", ["denoiser", "denoiser_estimate", "reward_end"])
 def test_world_model_training_losses_are_one_graph(params: Params, model_name: str) -> None:
-    """D's autoregressive loss (its noise drawn inside, two targets) and R's loss each compile as
+    """D's autoregressive loss (its noise drawn inside, two targets; `denoiser_estimate`: with the
+    official padded-target feedback, docs/official-parity.md D2) and R's loss each compile as
     one graph, forward and backward, with eager's loss and gradients."""
+    if model_name == "denoiser_estimate":
+        den_cfg = dataclasses.replace(params.world_model.denoiser, padded_target_feedback="estimate")
+        params = dataclasses.replace(params, world_model=dataclasses.replace(params.world_model, denoiser=den_cfg))
+        model_name = "denoiser"
     den, reward_end, _ = models(params)
     model, loss_fn = (den, den.loss) if model_name == "denoiser" else (reward_end, reward_end.loss_terms)
     model.train()

@@ -49,13 +49,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def paper_update_params(warmup_starts_at_zero: bool | None = None) -> dict:
-    """The tiny official config with the paper's training settings: D's autoregressive step and
-    truncating quantization, and configs/paper.yaml's optimisers (`warmup_starts_at_zero` as there
-    unless given)."""
+def paper_update_params(warmup_starts_at_zero: bool | None = None, padded_target_feedback: str | None = None) -> dict:
+    """The tiny official config with the paper's training settings: D's autoregressive step,
+    truncating quantization and configs/paper.yaml's `padded_target_feedback` (unless given), and
+    configs/paper.yaml's optimisers (`warmup_starts_at_zero` as there unless given)."""
     d = fixture_params_dict()
-    d["world_model"]["denoiser"].update(formulation="edm", num_autoregressive_steps=1, quantization="truncate")
     paper = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+    d["world_model"]["denoiser"].update(
+        formulation="edm", num_autoregressive_steps=1, quantization="truncate",
+        padded_target_feedback=padded_target_feedback or paper["world_model"]["denoiser"]["padded_target_feedback"],
+    )
     for name in PAPER_OPTIMISERS:
         d["world_model"][name] = copy.deepcopy(paper["world_model"][name])
         if warmup_starts_at_zero is not None:
@@ -63,9 +66,9 @@ def paper_update_params(warmup_starts_at_zero: bool | None = None) -> dict:
     return d
 
 
-def official_world_model(warmup_starts_at_zero: bool | None = None) -> WorldModel:
+def official_world_model(warmup_starts_at_zero: bool | None = None, padded_target_feedback: str | None = None) -> WorldModel:
     """Our world model at the tiny config, holding tiny_agent.pt's weights."""
-    p = params_from_dict(paper_update_params(warmup_starts_at_zero))
+    p = params_from_dict(paper_update_params(warmup_starts_at_zero, padded_target_feedback))
     wm = build_world_model(p.world_model, 3, 16, torch.device("cpu"))
     state = torch.load(FIXTURE / "tiny_agent.pt", weights_only=True)
     load_official(state, wm.denoiser, wm.reward_end, ActorCritic(p.actor_critic, 3, 16), where="tiny_agent.pt")
@@ -169,6 +172,36 @@ def test_updates_match_the_official_trainer(network: str) -> None:
     for k in before:
         assert torch.equal(after1[k], before[k]), k
     assert_changes_match(before, after3, ours_change(fx["change_after_3"], network))
+
+
+def test_a_padded_first_target_feeds_back_the_official_estimate() -> None:
+    """tiny_updates_denoiser_padded_target.pt: the batch of tiny_updates_denoiser.pt but for its
+    third segment, whose first target is padding too (only the second target is real), as the
+    official placement makes at an episode start (docs/official-parity.md C7, C8). The official
+    forward feeds D's estimate of that padding target into the second target's context
+    (src/models/diffusion/denoiser.py:101,119): `padded_target_feedback: estimate` reproduces its
+    three updates (row D2)."""
+    fx = load_fixture("denoiser_padded_target")
+    assert fx["mask"][:, 4].tolist() == [True, True, False] and bool(fx["mask"][:, 5].all())
+    wm = official_world_model(padded_target_feedback="estimate")
+    draws = inject_draws(wm, fx)
+    metrics, before, _, after3 = run_updates(wm, "denoiser", fx)
+    assert next(draws, None) is None
+    for step, m in enumerate(metrics):
+        assert m["loss"] == pytest.approx(float(fx["loss"][step]), abs=1e-5), step
+        assert m["grad_norm"] == pytest.approx(float(fx["grad_norm"][step]), rel=1e-5), step
+    assert_changes_match(before, after3, ours_change(fx["change_after_3"], "denoiser"))
+
+
+def test_zeroed_padded_target_feedback_misses_the_official_update() -> None:
+    """Ours (`zeroed`: the padding target's estimate is masked to zeros like all padding) gives the
+    second target of the third segment another context, and with it another loss from the first
+    update on, beyond the tolerance above: the comparison can fail."""
+    fx = load_fixture("denoiser_padded_target")
+    wm = official_world_model(padded_target_feedback="zeroed")
+    inject_draws(wm, fx)
+    metrics, *_ = run_updates(wm, "denoiser", fx)
+    assert abs(metrics[0]["loss"] - float(fx["loss"][0])) > 1e-4
 
 
 def test_our_warmup_moves_the_first_step_and_misses_the_official_changes() -> None:

@@ -169,6 +169,7 @@ def test_reward_end_sees_the_official_inputs_and_loss_mask(store, tiny_params):
 @pytest.mark.parametrize("section, key, value", [
     ("denoiser", "segment_end", "random"),
     ("denoiser", "segment_frames", "all"),
+    ("denoiser", "padded_target_feedback", "masked"),
     ("reward_end", "segment_window", "left"),
 ])
 def test_bad_placement_keys_are_one_line_errors(section, key, value):
@@ -182,3 +183,22 @@ def test_bad_placement_keys_are_one_line_errors(section, key, value):
         params_from_dict(d)
     with pytest.raises(ValueError, match="segment end 'random': allowed uniform, clipped"):
         Placement(end="random")
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 100])
+def test_how_often_a_segment_has_a_padded_first_target(length):
+    """The share of D's 6-frame training segments (L = 4, one autoregressive step) from an episode
+    of T steps whose first target, frame 4, is padding (docs/official-parity.md D2): exact, over
+    every equally likely (t, u) draw. Under the official placement (C7, C8) only t = 0, u = 0 ends a
+    segment at obs[0]: 1/(6T), or every segment when T = 1; with `segment_end: uniform` and
+    `without_final`, 1/T; ours (`with_final`) never."""
+    steps, L = 5, 4
+    t = np.repeat(np.arange(length), steps + 1)
+    u = np.tile(np.arange(steps + 1), length)
+
+    def share(p: Placement) -> float:
+        return float(np.mean(p.first_frames(np.full(t.shape, length), t, u, steps) + L < 0))
+
+    assert share(Placement(end="clipped", frames="without_final")) == (1.0 if length == 1 else 1 / (6 * length))
+    assert share(Placement(end="uniform", frames="without_final")) == 1 / length
+    assert share(OURS) == share(Placement(end="clipped")) == 0.0

@@ -176,13 +176,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path, dataset):
 
 
 def test_official_segment_placements_resume_exactly(tmp_path, dataset):
-    """With the official placements on (docs/official-parity.md C3, C7, C8), 3 steps then 5 equal a
+    """With the official placements on (docs/official-parity.md C3, C7, C8; D2's feedback too), 3 steps then 5 equal a
     straight 5-step run: their extra offset draws come from the saved segment stream."""
     from diamond import world_model_loop as loop
 
     def run(out: Path, steps: int) -> tuple[dict, Path | None]:
         d = tiny_params_dict()
-        d["world_model"]["denoiser"].update(segment_end="clipped", segment_frames="without_final")
+        d["world_model"]["denoiser"].update(segment_end="clipped", segment_frames="without_final",
+                                            padded_target_feedback="estimate")
         d["world_model"]["reward_end"]["segment_window"] = "both_sides"
         d["world_model"].update(denoiser_steps=steps, reward_end_steps=steps, checkpoint_every_steps=2)
         c = params_from_dict(d).world_model

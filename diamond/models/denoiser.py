@@ -181,6 +181,18 @@ class Denoiser(nn.Module):
         loss = self.loss(seg)
         return loss, {"loss": loss.item()}
 
+    def _padding(self, obs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(window frames, context mask): what the targets are and which frames a context reads as
+        they are (the others become zeros). `zeroed` (ours): the frames as stored and the padding
+        mask, so a padding target's fed-back estimate is zeroed too. `estimate` (official,
+        docs/official-parity.md D2): padding frames are zeros, as the official segments' padding
+        (src/data/utils.py:18-39 make_segment), and contexts read every frame unmasked, D's estimate of
+        a padding target included (src/models/diffusion/denoiser.py:101,119). Elementwise, no host
+        read: the compiled step stays one graph."""
+        if self.cfg.padded_target_feedback == "zeroed":
+            return obs, mask
+        return obs * mask[:, :, None, None, None], torch.ones_like(mask)
+
     def loss(self, seg: SegmentLike) -> Tensor:
         """Masked denoising loss, trained autoregressively over k = num_autoregressive_steps.
 
@@ -207,13 +219,15 @@ class Denoiser(nn.Module):
         obs = seg.obs.unfold(1, L + 1 + k, 1).permute(0, 1, 5, 2, 3, 4).flatten(0, 1)  # (B', L+1+k, 3, H, W)
         act = seg.act.unfold(1, L + k, 1)[:, : n - L - k + 1].flatten(0, 1)  # (B', L+k)
         mask = seg.mask.unfold(1, L + 1 + k, 1).flatten(0, 1)  # (B', L+1+k)
+        obs, context_mask = self._padding(obs, mask)
         # The frames the contexts read; targets are overwritten by D's estimates as it goes.
         frames = obs.clone() if k > 0 else obs
         training_inputs = self.edm_training_inputs if self.cfg.formulation == "edm" else self.ddpm_training_inputs
         losses = []
         for i in range(k + 1):
-            # Padding before the episode start becomes zeros, as in imagination from a short history.
-            prev_obs = frames[:, i : i + L] * mask[:, i : i + L, None, None, None]
+            # Padding before the episode start becomes zeros, as in imagination from a short history
+            # (a padding target's fed-back estimate too, unless `padded_target_feedback: estimate`).
+            prev_obs = frames[:, i : i + L] * context_mask[:, i : i + L, None, None, None]
             weight = mask[:, L + i].float()
             x_in, c_noise, target, to_estimate = training_inputs(obs[:, L + i])
             out = self.network(x_in, c_noise, prev_obs, act[:, i : i + L]).float()
