@@ -16,7 +16,6 @@ updates. Both runs take their steps past the learning-rate warm-up (official Lam
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
