@@ -40,6 +40,30 @@ def write_params(path: Path, d: dict) -> Path:
     return path
 
 
+def first_tiny_run(tmp_path_factory: pytest.TempPathFactory, *cmd: str) -> dict:
+    """One run of the tiny pipeline (pipeline_repo.pipeline_params([0])) by `cmd` in a fresh
+    clone: {"repo", "store" (its MLflow store), "out" (the tool's output)}. Several modules start
+    from the same first run; each takes its own copy (pipeline_repo.copy_run) so that none sees
+    another's changes, and the pipeline runs once per session instead of once per module."""
+    from pipeline_repo import make_repo, pipeline_params, run_tool  # pipeline_repo imports this module
+
+    tmp = tmp_path_factory.mktemp(f"{cmd[0]}_tiny_run")
+    repo, store = make_repo(tmp / "repo", pipeline_params([0])), tmp / "mlflow.db"
+    return {"repo": repo, "store": store, "out": run_tool(repo, store, *cmd)}
+
+
+@pytest.fixture(scope="session")
+def dvc_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny pipeline made by `dvc repro` (first_tiny_run)."""
+    return first_tiny_run(tmp_path_factory, "dvc", "repro")
+
+
+@pytest.fixture(scope="session")
+def snakemake_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny pipeline made by `snakemake -j 2` (first_tiny_run)."""
+    return first_tiny_run(tmp_path_factory, "snakemake", "-j", "2")
+
+
 @pytest.fixture
 def tiny_params() -> Params:
     return params_from_dict(tiny_params_dict())

@@ -68,6 +68,18 @@ def make_repo(dest: Path, params: dict) -> Path:
     return dest
 
 
+def copy_run(made: dict, dest: Path) -> tuple[Path, Path]:
+    """A copy of a finished run's clone (git history, DVC cache, results) and of its MLflow store,
+    under dest: (repo, store), as if the run had been made there. The copied store still names
+    the original's artifact folder (MLflow fixes it when the experiment is created), which no
+    test reads."""
+    dest.mkdir(parents=True, exist_ok=True)
+    repo, store = dest / made["repo"].name, dest / made["store"].name
+    shutil.copytree(made["repo"], repo, symlinks=True)
+    shutil.copy2(made["store"], store)
+    return repo, store
+
+
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True,
                           env={**os.environ, **GIT_ENV}).stdout

@@ -179,6 +179,7 @@ def test_denoiser_draws_trains_and_measures_a_draw_and_a_checkpoint(tmp_path):
     assert ckpt["mse_repeat_last"] == a["mse_repeat_last"] and ckpt["mse"] != a["mse"]
 
 
+@pytest.mark.slow  # ~30 s: the whole gpu_check.sh script, its benchmarks as subprocesses
 def test_gpu_check_dry_run_writes_the_report(tmp_path):
     """benchmarks/gpu_check.sh --dry-run (CPU, tiny config, ours only): one report in
     reports/bench/<gpu>_<date>.json with every figure of issue 28 finite, the packed K = 1, 2

@@ -16,9 +16,8 @@ from conftest import ROOT, write_params
 sys.path.insert(0, str(ROOT / "scripts"))
 import fault_campaign  # noqa: E402
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_killed_training_stages_end_with_the_uninterrupted_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     params = write_params(tmp_path / "tiny.yaml", agent_params_dict(total_env_steps=200))

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from pipeline_repo import (STAGES, commit_all, dvc_stages_run, git, make_repo, mlflow_runs, pipeline_params,
+from pipeline_repo import (STAGES, commit_all, copy_run, dvc_stages_run, git, make_repo, mlflow_runs,
                            run_tool, set_param)
 from stages.layout import STAGE_DATA, code_files, stage_code_files
 from stages.stage_params import STAGE_PARAMS
@@ -101,12 +101,10 @@ def test_paper_scale_has_a_stage_per_game_seed_and_step(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("dvc_e2e")
-    repo = make_repo(tmp / "repo", pipeline_params(seeds=[0]))
-    store = tmp / "mlflow.db"
-    out = run_tool(repo, store, "dvc", "repro")
-    return {"repo": repo, "store": store, "first": out}
+def pipeline(tmp_path_factory: pytest.TempPathFactory, dvc_tiny_run: dict) -> dict:
+    """This module's copy of the session's first `dvc repro` (conftest.dvc_tiny_run)."""
+    repo, store = copy_run(dvc_tiny_run, tmp_path_factory.mktemp("dvc_e2e"))
+    return {"repo": repo, "store": store, "first": dvc_tiny_run["out"]}
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline_repo import dvc_stages_run, make_repo, pipeline_params, run_tool, set_param
+from pipeline_repo import copy_run, dvc_stages_run, pipeline_params, run_tool, set_param
 from stages.layout import all_jobs
 from stages.provenance import stage_key
 from test_pipeline_snakemake import RULES, dry_run
@@ -34,11 +34,9 @@ def test_keys_change_exactly_downstream_of_a_params_key() -> None:
 
 
 @pytest.fixture(scope="module")
-def dvc_first(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("prov_dvc")
-    repo = make_repo(tmp / "repo", pipeline_params([0]))
-    store = tmp / "mlflow.db"
-    run_tool(repo, store, "dvc", "repro")
+def dvc_first(tmp_path_factory: pytest.TempPathFactory, dvc_tiny_run: dict) -> dict:
+    """This module's copy of the session's first `dvc repro` (conftest.dvc_tiny_run)."""
+    repo, store = copy_run(dvc_tiny_run, tmp_path_factory.mktemp("prov_dvc"))
     return {"repo": repo, "store": store}
 
 
@@ -73,10 +71,9 @@ def test_a_code_edit_reruns_its_stage_and_what_follows_under_both_tools(dvc_firs
 
 
 @pytest.mark.slow
-def test_after_snakemake_dvc_sees_its_work_and_reruns_exactly_what_changed(tmp_path: Path) -> None:
-    repo = make_repo(tmp_path / "repo", pipeline_params([0]))
-    store = tmp_path / "mlflow.db"
-    run_tool(repo, store, "snakemake", "-j", "2")
+def test_after_snakemake_dvc_sees_its_work_and_reruns_exactly_what_changed(
+        tmp_path: Path, snakemake_tiny_run: dict) -> None:
+    repo, store = copy_run(snakemake_tiny_run, tmp_path)  # made by `snakemake -j 2`
     assert dvc_changed(repo, store) == set()  # every job committed to dvc.lock by `stages.pipeline done`
     set_param(repo, "evaluate.episodes", 3)
     assert dvc_changed(repo, store) == {"evaluate@Breakout-0"}

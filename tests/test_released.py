@@ -98,6 +98,7 @@ def import_released(tmp: Path, params: Path, out: Path, **env: str) -> subproces
     return subprocess.run(cmd, cwd=ROOT, env={**stage_env(tmp), **env}, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # ~20 s: three import_released stage processes
 def test_download_then_cache_then_local_folder(tmp_path: Path, hub: str) -> None:
     folder = tmp_path / "pretrained"
     params = write_params(tmp_path / "params.yaml", released_params(folder))

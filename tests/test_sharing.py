@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_repo import commit_all, git, make_repo, pipeline_params, run_tool, set_param
+from pipeline_repo import commit_all, copy_run, git, run_tool, set_param
 from test_pipeline_snakemake import dry_run
 from test_provenance import dvc_changed
 
@@ -52,12 +52,13 @@ def assert_current(repo: Path, store: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def dvc_made(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Results made by `dvc repro` and pushed to a local DVC remote."""
+def dvc_made(tmp_path_factory: pytest.TempPathFactory, dvc_tiny_run: dict) -> dict:
+    """Results made by `dvc repro` (this module's copy of conftest.dvc_tiny_run) and pushed to a
+    local DVC remote."""
     tmp = tmp_path_factory.mktemp("share_dvc")
-    origin, store, remote = make_repo(tmp / "origin", pipeline_params([0])), tmp / "mlflow.db", tmp / "remote"
-    run_tool(origin, store, "dvc", "repro")
-    publish(origin, store, remote)
+    repo, store = copy_run(dvc_tiny_run, tmp)
+    origin = repo.rename(tmp / "origin")
+    publish(origin, store, tmp / "remote")
     return {"tmp": tmp, "origin": origin, "store": store}
 
 
@@ -133,9 +134,10 @@ def test_a_half_restored_run_reruns_that_job_and_what_follows(dvc_made: dict) ->
 
 
 @pytest.mark.slow
-def test_snakemake_results_pulled_elsewhere_are_current_for_both_tools(tmp_path: Path) -> None:
-    origin, store = make_repo(tmp_path / "origin", pipeline_params([0])), tmp_path / "mlflow.db"
-    run_tool(origin, store, "snakemake", "-j", "2")  # each job commits itself to dvc.lock
+def test_snakemake_results_pulled_elsewhere_are_current_for_both_tools(
+        tmp_path: Path, snakemake_tiny_run: dict) -> None:
+    repo, store = copy_run(snakemake_tiny_run, tmp_path)  # by `snakemake -j 2`: each job commits itself to dvc.lock
+    origin = repo.rename(tmp_path / "origin")
     publish(origin, store, tmp_path / "remote")
     clone = pull_clone(origin, tmp_path / "laptop", store)
     assert_current(clone, store)

@@ -68,6 +68,7 @@ def test_channels_last_training_matches_default_layout(tiny_params):
     assert all(w.is_contiguous(memory_format=NHWC) for w in conv_weights(nhwc))
 
 
+@pytest.mark.slow  # ~50 s: torch.compile of the denoiser's forward and backward on CPU
 def test_compiled_denoiser_trains_and_samples_like_eager(tiny_params):
     """compile_denoiser as the stages apply it (after channels_last): the training losses, the
     updated weights and a sampled next frame match eager mode's to rounding, and the state dict
