@@ -216,7 +216,7 @@ rule evaluate:
         " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage evaluate --game {wildcards.game} --seed {wildcards.seed} --tool snakemake"
 
 
-# The authors' released agents, per game of `released.games` (diamond/released.py): import the
+# The authors' released agents, per game of `released.games` (diamond/official/released.py): import the
 # official checkpoint, then the evaluate stage's own code. Their runs live in runs/released/G.
 RELEASED = "runs/released/{game}"
 
@@ -285,7 +285,7 @@ rule aggregate:
         " && {PY} -m stages.pipeline done --params {PARAMS_FILE} --stage aggregate --tool snakemake"
 
 
-# The world-model study (paper section 5.1; params `study`, diamond/study.py), its own product:
+# The world-model study (paper section 5.1; params `study`, diamond/world_model/study.py), its own product:
 # not part of `all`. `snakemake -j 2 study` trains and rolls out every variant x seed of
 # study.variants x study.seeds on the static store study.dataset, then writes reports/study/.
 # Study jobs live in study/{game}/{variant}-{seed}; the variant's definition reaches the stage

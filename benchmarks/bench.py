@@ -10,7 +10,7 @@ Measures, in one process so that the figures are comparable:
 - imagination throughput: next frames per second with the configured sampler (3 Euler steps);
 - one training step of the reward/termination model R (loss on a segment of
   `reward_end.segment_length` steps, backward, AdamW) and one actor-critic step in imagination
-  as train-agent takes it (diamond.agent.imagination_loss over an ImaginationEnv of the
+  as train-agent takes it (diamond.agent.policy.imagination_loss over an ImaginationEnv of the
   configured horizon and sampler, drawing real starts with a SegmentSampler from a small
   synthetic EpisodeStore, then the actor-critic's AdamW step), both at the same batch size;
 - `paper_run_hours`: the hours these three steps take over one run (one game, one seed) of the
@@ -54,16 +54,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diamond.agent import compiled_forward, imagination_loss
+from diamond.agent.imagination import ImaginationEnv
+from diamond.agent.policy import compiled_forward, imagination_loss
 from diamond.allocator import reuse_freed_memory
 from diamond.config import Params, SamplerConfig, WorldModelConfig, load_params
 from diamond.data import Episode, EpisodeStore, SegmentSampler
-from diamond.imagination import ImaginationEnv
 from diamond.models.actor_critic import ActorCritic
-from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
-from diamond.sampler import DiffusionSampler
 from diamond.training import Trainer, compile_networks, set_memory_format, set_tf32
+from diamond.world_model.denoiser import Denoiser
+from diamond.world_model.sampler import DiffusionSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 # Atari's full action set; the action embedding's size barely affects the cost.
@@ -369,7 +369,7 @@ def make_actor_critic_step(
     bcfg: Params, den: Denoiser, reward_end: RewardEndModel, segments: SegmentSampler,
     args: argparse.Namespace, device: torch.device, bf16: bool,
 ) -> Callable[[], float]:
-    """One actor-critic step in imagination, built and taken as diamond.loop._train_actor_critic does."""
+    """One actor-critic step in imagination, built and taken as diamond.agent.loop._train_actor_critic does."""
     torch.manual_seed(0)
     ac = ActorCritic(bcfg.actor_critic, BENCH_NUM_ACTIONS, args.obs_size).to(device)
     # stages/train_agent.py sets all three networks' layout (D's and R's are set already) and
@@ -380,7 +380,7 @@ def make_actor_critic_step(
     compiled = getattr(args, "compile_imagination", False)
     imagination = ImaginationEnv(sampler, reward_end, segments, bcfg.world_model.denoiser.num_conditioning_frames,
                                  args.batch_size, bcfg.actor_critic.horizon, device, compile=compiled)
-    forward = compiled_forward(ac) if compiled else None  # as diamond.loop under compile_imagination
+    forward = compiled_forward(ac) if compiled else None  # as diamond.agent.loop under compile_imagination
     den.eval()
     reward_end.eval()
     ac.train()
@@ -421,7 +421,7 @@ def bench_agent_steps(
 
 @dataclass(frozen=True)
 class RunSchedule:
-    """Optimiser steps of one run (one game, one seed; docs/architecture.md §3.5) as diamond.loop counts them."""
+    """Optimiser steps of one run (one game, one seed; docs/architecture.md §3.5) as diamond.agent.loop counts them."""
 
     initial_env_steps: int
     collect_epochs: int

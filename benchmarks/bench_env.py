@@ -19,9 +19,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.wrappers import AtariPreprocessing
 
-from diamond.collector import Collector, UniformPolicy
 from diamond.config import EnvConfig
-from diamond.env import make_env, num_actions
+from diamond.env.atari import make_env, num_actions
+from diamond.env.collector import Collector, UniformPolicy
 
 PROTOCOL = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=108_000, obs_size=64, life_counter="every_step")
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.bf16_actor_critic --params P --steps 200 [--device cpu|cuda] [--json PATH]
 
-Three runs of `--steps` actor-critic steps as train-agent takes them (diamond.agent.imagination_loss
+Three runs of `--steps` actor-critic steps as train-agent takes them (diamond.agent.policy.imagination_loss
 over an ImaginationEnv, then the actor-critic's Trainer step): fp32 with seed 0, bf16 autocast
 (denoiser, R and actor-critic forward; the optimiser step in fp32) with seed 0, and fp32 with
 seed 1 for the run-to-run noise. The world model is P's denoiser and R at their random init (not
@@ -31,15 +31,15 @@ import numpy as np
 import torch
 
 from benchmarks.bench import BENCH_NUM_ACTIONS, rarely_terminating, synthetic_store
-from diamond.agent import imagination_loss
+from diamond.agent.imagination import ImaginationEnv
+from diamond.agent.policy import imagination_loss
 from diamond.config import Params, load_params
 from diamond.data import SegmentSampler
-from diamond.imagination import ImaginationEnv
 from diamond.models.actor_critic import ActorCritic
-from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
 from diamond.training import Trainer, set_memory_format
-from diamond.world_model import make_sampler
+from diamond.world_model.denoiser import Denoiser
+from diamond.world_model.model import make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("lambda_return_mean", "imagined_reward_mean", "loss_actor", "loss_value")

@@ -4,7 +4,7 @@ What the learning benchmark's train-world-model does for D (the config's archite
 batch and recency weights), without R, from one training draw (`--train-seed`: D's
 initialisation, noise and segments), so that several draws of one setting can be compared on one
 dataset. Fidelity: open-loop rollouts of horizons 1-15 with the real actions on `--heldout`
-fresh uniform-policy episodes of the store's game (diamond.fidelity.heldout_episodes from
+fresh uniform-policy episodes of the store's game (diamond.world_model.fidelity.heldout_episodes from
 `--seed`), `--rollouts` per episode; per-step MSE and its ratio to repeating the last frame.
 Used for issue 17's seed-2 diagnosis (docs/results.md, "Learning benchmark"):
 
@@ -29,11 +29,11 @@ import torch
 from diamond.config import load_params
 from diamond.data import EpisodeStore
 from diamond.data.sampler import RECENCY_WEIGHTS
-from diamond.fidelity import heldout_episodes
-from diamond.models.denoiser import Denoiser
-from diamond.study import open_loop_errors, train_denoiser
 from diamond.training import apply_speed_switches
-from diamond.world_model import load_world_model, make_sampler
+from diamond.world_model.denoiser import Denoiser
+from diamond.world_model.fidelity import heldout_episodes
+from diamond.world_model.model import load_world_model, make_sampler
+from diamond.world_model.study import open_loop_errors, train_denoiser
 
 HORIZON = 15
 ROLLOUT_SEED = 7  # the sampler's noise in the rollouts, the same for every draw

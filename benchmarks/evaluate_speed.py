@@ -1,7 +1,7 @@
 """Speed of the evaluate stage's test episodes at the paper's size (the released agents' cost).
 
 Plays test episodes of one game with the paper-size actor-critic (configs/paper.yaml, 64x64
-frames) through `diamond.evaluation.agent_test_returns`, once per `--num-envs` value, and once
+frames) through `diamond.agent.evaluation.agent_test_returns`, once per `--num-envs` value, and once
 with the one-at-a-time loop the stage used before (`AgentPolicy` + `test_episode_returns`), all
 in one run so that the ratios hold on a shared machine. Prints steps/s, the share of time in the
 emulator, and the projected time of 100 episodes at a given episode length.
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diamond.agent import AgentPolicy
+from diamond.agent.evaluation import agent_test_returns, test_episode_returns
+from diamond.agent.policy import AgentPolicy
 from diamond.config import load_params
-from diamond.env import AtariEnv, num_actions
-from diamond.evaluation import agent_test_returns, test_episode_returns
+from diamond.env.atari import AtariEnv, num_actions
 from diamond.models.actor_critic import ActorCritic
 from diamond.training import set_memory_format
 

@@ -6,7 +6,7 @@ and seed, on a config derived from --config (default configs/paper.yaml) by the 
 overrides (`--set key=value` adds more). Reports, in --out/gpu_smoke.json and on stdout:
 - each stage's wall time and peak memory (CUDA: max allocated; and the process's max resident set);
 - the last agent epoch (a collecting epoch, after compilation warm-up) split into collect / D / R /
-  actor-critic / test episodes (diamond.loop.run_epoch's `seconds/<phase>`), and per-step times;
+  actor-critic / test episodes (diamond.agent.loop.run_epoch's `seconds/<phase>`), and per-step times;
 - `projected_run_hours`: one run of --config's own schedule (one game, one seed;
   benchmarks.bench.run_schedule) from those per-step times, the measured collection and test
   episodes scaled by their counts, and the evaluate stage plus the paper's further episodes.

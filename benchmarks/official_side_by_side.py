@@ -19,7 +19,7 @@ built from its own configs (`config/agent/default.yaml`, `config/env/atari.yaml`
     (torch.compile(mode="reduce-overhead") when its `training.compile_wm`, as its trainer does),
     ours `world_model.sampler` as train-agent imagines (compile_denoiser, compile_imagination);
 (c) the actor-critic's training step: 15 imagined steps, loss, backward, AdamW (official
-    `ActorCritic.forward` over its `WorldModelEnv`; ours `diamond.agent.imagination_loss`).
+    `ActorCritic.forward` over its `WorldModelEnv`; ours `diamond.agent.policy.imagination_loss`).
 
 Inputs are random: uint8 frames (64x64) and actions, the same tensors for both. The official
 WorldModelEnv draws its starts from a data loader; a stand-in (`RandomStarts`) yields the official
@@ -69,10 +69,10 @@ from benchmarks.bench import (
 from diamond.allocator import reuse_freed_memory
 from diamond.config import load_params
 from diamond.data import SegmentSampler
-from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
 from diamond.training import compile_networks, set_memory_format, set_tf32
-from diamond.world_model import make_sampler
+from diamond.world_model.denoiser import Denoiser
+from diamond.world_model.model import make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 # Packages the official src/ imports at module level whose functions the timed paths never call

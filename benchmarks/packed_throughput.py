@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
     from benchmarks.bench import make_actor_critic_step, rarely_terminating, synthetic_store
     from diamond.allocator import reuse_freed_memory
     from diamond.data import SegmentSampler
-    from diamond.models.denoiser import Denoiser
+    from diamond.world_model.denoiser import Denoiser
     from diamond.models.reward_end import RewardEndModel
     from diamond.training import compile_networks, set_memory_format, set_tf32
 

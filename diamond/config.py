@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from diamond.games import ATARI_100K_GAMES, REFERENCE_METHODS
+from diamond.env.games import ATARI_100K_GAMES, REFERENCE_METHODS
 
 
 class ConfigError(ValueError):
@@ -77,7 +77,7 @@ class DenoiserConfig:
     """EDM denoiser D and its U-Net F (docs/architecture.md §3.2)."""
 
     # "edm" (the paper) or "ddpm" (its section 5.1 ablation as the official `ddpm` branch does it:
-    # epsilon prediction, offset noise, diffusers DDPMScheduler sampling; see diamond/ddpm.py).
+    # epsilon prediction, offset noise, diffusers DDPMScheduler sampling; see diamond/world_model/ddpm.py).
     formulation: str
     num_conditioning_frames: int  # L = 4
     cond_channels: int  # conditioning vector size (256)
@@ -121,7 +121,7 @@ class DenoiserConfig:
 @dataclass(frozen=True)
 class SamplerConfig:
     """Karras schedule and Euler/Heun solver (docs/architecture.md §3.2). With denoiser formulation "ddpm" only
-    num_steps and quantize apply (diamond/ddpm.py, `DDPMSampler`)."""
+    num_steps and quantize apply (diamond/world_model/ddpm.py, `DDPMSampler`)."""
 
     num_steps: int
     sigma_min: float
@@ -266,7 +266,7 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class ReleasedConfig:
-    """The authors' released agents (stages import-released and evaluate-released, diamond/released.py)."""
+    """The authors' released agents (stages import-released and evaluate-released, diamond/official/released.py)."""
 
     games: list[str]  # games whose released agent is imported and evaluated; [] for none
     dir: str  # local folder searched first for {Game}.pt
@@ -299,7 +299,7 @@ class StudyVariant:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """The paper's section 5.1 world-model study (stages study and study-report, diamond/study.py):
+    """The paper's section 5.1 world-model study (stages study and study-report, diamond/world_model/study.py):
     each variant's denoiser trained on one static episode store with the same budget, then rolled
     out open loop on held-out episodes of that store."""
 

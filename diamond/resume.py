@@ -1,6 +1,6 @@
 """One resume scheme for both training loops (docs/architecture.md, "Resume").
 
-train-world-model (diamond/world_model_loop.py) and train-agent (diamond/loop.py) save their
+train-world-model (diamond/world_model/loop.py) and train-agent (diamond/agent/loop.py) save their
 whole training state atomically and, on a rerun, continue from it only when its resume key
 matches. Both use the pieces here:
 

@@ -15,10 +15,10 @@ Stream ids, per (run) seed:
 | 11, 12, 13 | train-agent | segment sampling, the collecting policy, torch's initial seed |
 | (0, 1) | train-agent | the training environment (`derived_seed(seed, 0, 1)`) |
 | (epoch, 2), (epoch, 3) | train-agent | the test policy and test environment after `epoch` |
-| 21, 23 | evaluate | test episodes (each then gets its own streams, diamond/evaluation.py), imagination (22 is retired) |
-| 7919 | train-world-model, evaluate | the held-out episodes of the fidelity measurement (diamond/fidelity.py; their uniform policy then uses stream 1 of that seed) |
+| 21, 23 | evaluate | test episodes (each then gets its own streams, diamond/agent/evaluation.py), imagination (22 is retired) |
+| 7919 | train-world-model, evaluate | the held-out episodes of the fidelity measurement (diamond/world_model/fidelity.py; their uniform policy then uses stream 1 of that seed) |
 
-The environment's own seed (diamond/env.py) and the collect stage's environment use the run
+The environment's own seed (diamond/env/atari.py) and the collect stage's environment use the run
 seed itself; evaluate seeds its fidelity sampler with the run seed itself (raw, not a stream).
 """
 

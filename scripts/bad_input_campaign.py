@@ -29,14 +29,14 @@ import numpy as np
 import torch
 import yaml
 
-from diamond.agent_checkpoint import agent_checkpoint, read_agent_checkpoint
-from diamond.collector import Collector, UniformPolicy
+from diamond.agent.checkpoint import agent_checkpoint, read_agent_checkpoint
 from diamond.config import ConfigError, Params, params_from_dict, to_dict
 from diamond.data import EpisodeStore
-from diamond.env import make_env, num_actions
+from diamond.env.atari import make_env, num_actions
+from diamond.env.collector import Collector, UniformPolicy
 from diamond.io import ArtifactError, atomic_save_torch
 from diamond.models.actor_critic import ActorCritic
-from diamond.world_model import build_world_model, read_checkpoint, save_world_model, world_model_state
+from diamond.world_model.model import build_world_model, read_checkpoint, save_world_model, world_model_state
 # Every params check happens when params load (diamond/config.py); the stages check nothing more.
 # A stage check added later goes here, so that the table shows it as "stage <name>".
 STAGE_CHECKS: list[tuple[str, Callable[[Params], None]]] = []

@@ -4,7 +4,7 @@ IRIS's trick for Freeway (IRIS paper, Appendix H; the DIAMOND authors' answer in
 eloialonso/diamond issue #34): the collecting policy samples its actions at temperature 0.01
 instead of 1. A uniform random walk (the initial collection's policy) hardly moves the chicken
 and scores 0; a policy that commits to the action it slightly prefers crosses the road when that
-action is UP. This plays the real game through train-agent's own collector (diamond.loop) with
+action is UP. This plays the real game through train-agent's own collector (diamond.agent.loop) with
 actor-critics of the params' architecture, for each actor once at the params' Freeway temperature
 and once at 1, and prints the rewards and the actions taken:
 
@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diamond.collector import Collector, UniformPolicy
+from diamond.agent.loop import AgentRun, _new_collector
 from diamond.config import load_params
 from diamond.data import EpisodeStore
-from diamond.env import make_env, num_actions
+from diamond.env.atari import make_env, num_actions
+from diamond.env.collector import Collector, UniformPolicy
 from diamond.io import load_torch
-from diamond.loop import AgentRun, _new_collector
-from diamond.seeds import AGENT_POLICY, stream_rng
 from diamond.models.actor_critic import ActorCritic
+from diamond.seeds import AGENT_POLICY, stream_rng
 
 GAME = "Freeway"
 

@@ -42,12 +42,12 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import bootstrap
 
-from diamond.collector import UniformPolicy
+from diamond.env.collector import UniformPolicy
 from diamond.config import load_params
-from diamond.env import num_actions
-from diamond.evaluation import test_episode_returns
+from diamond.env.atari import num_actions
+from diamond.agent.evaluation import test_episode_returns
 from diamond.io import atomic_write_json, read_json
-from diamond.loop import derived_seed
+from diamond.agent.loop import derived_seed
 
 params_file, game, seed, run, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
 p = load_params(params_file)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 
 from diamond.config import ConfigError
-from diamond.released_report import PAPER_METHOD, write_comparison
-from diamond.report import Report, build_report, write_report
-from diamond.scores import load_method, load_results, results_by_method
+from diamond.results.released_report import PAPER_METHOD, write_comparison
+from diamond.results.report import Report, build_report, write_report
+from diamond.results.scores import load_method, load_results, results_by_method
 from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.tracking import stage_run

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from diamond.collector import Collector, EpisodeStats, UniformPolicy
 from diamond.config import CollectConfig
 from diamond.data import EpisodeStore
-from diamond.env import make_env, num_actions
+from diamond.env.atari import make_env, num_actions
+from diamond.env.collector import Collector, EpisodeStats, UniformPolicy
 from diamond.io import atomic_directory, atomic_write_json
 from diamond.seeds import COLLECT_POLICY, stream_rng
 from stages import tracking

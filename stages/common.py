@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from diamond.config import ConfigError, Params, load_params, to_dict
-from diamond.games import ATARI_100K_GAMES
+from diamond.env.games import ATARI_100K_GAMES
 from diamond.io import ArtifactError
 from stages.stage_params import STAGE_PARAMS
 from stages.tracking import is_remote, server_problem

@@ -12,7 +12,7 @@ real-vs-imagined GIF of the fidelity measurement.
         --out-score runs/Breakout-0/score.json --out-fidelity runs/Breakout-0/evaluate_fidelity.json \
         --out-media runs/Breakout-0/evaluate_media
 
-The test episodes run `evaluate.num_envs` at a time (diamond.evaluation.agent_test_returns).
+The test episodes run `evaluate.num_envs` at a time (diamond.agent.evaluation.agent_test_returns).
 For an imported agent (stages.import_official, stages.import_released) there is no dataset:
 without --dataset the imagination GIF starts from the held-out real episodes of the fidelity
 measurement. --released scores the agent under `released.method_name` and `released.seed`
@@ -29,19 +29,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diamond.agent_checkpoint import read_agent_checkpoint
+from diamond.agent.checkpoint import read_agent_checkpoint
+from diamond.agent.evaluation import agent_test_returns, imagined_frames
+from diamond.agent.imagination import ImaginationEnv
 from diamond.data import Episode, EpisodeStore, SegmentSampler
-from diamond.env import num_actions
-from diamond.evaluation import agent_test_returns, imagined_frames
-from diamond.frames import write_gif
-from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
-from diamond.imagination import ImaginationEnv
+from diamond.data.frames import write_gif
+from diamond.env.atari import num_actions
 from diamond.io import atomic_write_json
 from diamond.models.actor_critic import ActorCritic
-from diamond.scores import score_record
+from diamond.results.scores import score_record
 from diamond.seeds import EVALUATE_IMAGINATION, EVALUATE_TEST_EPISODES, derived_seed
 from diamond.training import apply_speed_switches
-from diamond.world_model import load_world_model
+from diamond.world_model.fidelity import heldout_episodes, measure_fidelity, summary_metrics
+from diamond.world_model.model import load_world_model
 from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.compute import compute_setup

@@ -4,8 +4,8 @@ The output is what the official trainer saves (`Agent.state_dict()`, `src/traine
 what `Agent.load` (`src/agent.py:48-62`) reads: the trainer's `initialization.path_to_ckpt`,
 `src/play.py` as the last `checkpoints/agent_versions/agent_epoch_*.pt`. `--out-config` also
 writes the matching official agent config (the layout of `config/agent/default.yaml`). The
-inverse of stages.import_official; the key map is in `diamond/official.py` and
-`diamond/official_export.py`.
+inverse of stages.import_official; the key map is in `diamond/official/keymap.py` and
+`diamond/official/export.py`.
 
     python -m stages.export_official --agent runs/Breakout-0/agent.pt --out Breakout.pt \\
         --out-config Breakout_agent.yaml
@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from diamond.agent_checkpoint import checkpoint_params, read_agent_checkpoint
+from diamond.agent.checkpoint import checkpoint_params, read_agent_checkpoint
 from diamond.io import atomic_save_torch, atomic_write_bytes
 from diamond.models.actor_critic import ActorCritic
-from diamond.official import load_strict
-from diamond.official_export import check_expressible, official_agent_config, to_official
-from diamond.released import sha256_file
-from diamond.world_model import load_world_model
+from diamond.official.export import check_expressible, official_agent_config, to_official
+from diamond.official.keymap import load_strict
+from diamond.official.released import sha256_file
+from diamond.world_model.model import load_world_model
 from stages.common import run_main
 
 

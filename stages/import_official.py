@@ -4,7 +4,7 @@ agent checkpoints.
 The input is what the official trainer saves (`agent.state_dict()`, keys under `denoiser.`,
 `rew_end_model.`, `actor_critic.`) and what the authors released per game on the Hugging Face
 Hub (`eloialonso/diamond`, `atari_100k/models/{Game}.pt`). The key map and the strict load are in
-`diamond/official.py`. The params must describe the official architecture (configs/paper.yaml).
+`diamond/official/keymap.py`. The params must describe the official architecture (configs/paper.yaml).
 The world-model checkpoint starts fresh optimiser states; `train-agent --world-model W
 --init-agent A` continues training from it, and `evaluate --agent A` scores it.
 
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from diamond.agent_checkpoint import agent_checkpoint
+from diamond.agent.checkpoint import agent_checkpoint
 from diamond.config import Params, to_dict
-from diamond.env import check_game, num_actions
+from diamond.env.atari import check_game, num_actions
 from diamond.io import ArtifactError, atomic_save_torch, load_torch
 from diamond.models.actor_critic import ActorCritic
-from diamond.official import load_official, official_num_actions
-from diamond.released import sha256_file
-from diamond.world_model import build_world_model, save_world_model, world_model_state
+from diamond.official.keymap import load_official, official_num_actions
+from diamond.official.released import sha256_file
+from diamond.world_model.model import build_world_model, save_world_model, world_model_state
 from stages import tracking
 from stages.common import base_parser, load_checked_params, run_main
 from stages.tracking import stage_run

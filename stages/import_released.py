@@ -1,7 +1,7 @@
 """Stage import-released: the authors' released agent of one game -> this project's checkpoints.
 
 Finds `released.filename` for the game (the `released.dir` folder, else the Hugging Face cache,
-else a download from `released.repo_id` at `released.revision`; diamond/released.py), converts
+else a download from `released.repo_id` at `released.revision`; diamond/official/released.py), converts
 it like stages.import_official, and writes --out-source, a JSON record of the file (where it was
 found, its sha256, the repository coordinates) that evaluate's score file and MLflow tags carry
 on. The params must describe the official architecture (configs/released.yaml).
@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from diamond.env import check_game
+from diamond.env.atari import check_game
 from diamond.io import atomic_write_json
-from diamond.released import locate_released
+from diamond.official.released import locate_released
 from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.import_official import convert, parameter_summary, read_official

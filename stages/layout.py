@@ -53,7 +53,7 @@ STAGE_MODULES: dict[str, str] = {
 
 
 # Data files read by a stage besides code and params.
-STAGE_DATA: dict[str, list[str]] = {"aggregate": ["diamond/reference_data"]}
+STAGE_DATA: dict[str, list[str]] = {"aggregate": ["diamond/results/reference_data"]}
 
 
 # The output whose presence means a job has run (its other outputs are written before it or

@@ -1,7 +1,7 @@
 """Play and watch inside the world model, in a browser (not a pipeline stage: an entry point).
 
 The authors' `python src/play.py` opens a pygame window; this serves the same play mode as one
-local web page (diamond/play.py, diamond/play_server.py), so it also runs on a remote machine
+local web page (diamond/play/session.py, diamond/play/server.py), so it also runs on a remote machine
 through an SSH tunnel, with no display:
 
     python -m stages.play --agent runs/Breakout-0/agent.pt
@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from diamond.agent_checkpoint import AGENT_CHECKPOINT_FORMAT, checkpoint_params
+from diamond.agent.checkpoint import AGENT_CHECKPOINT_FORMAT, checkpoint_params
 from diamond.config import ConfigError, Params, load_params
 from diamond.data import EpisodeStore
-from diamond.env import check_game, num_actions
+from diamond.env.atari import check_game, num_actions
 from diamond.io import ArtifactError, load_torch
 from diamond.models.actor_critic import ActorCritic
-from diamond.play import PlaySession, PlaySettings
-from diamond.play_server import PlayServer
+from diamond.play.server import PlayServer
+from diamond.play.session import PlaySession, PlaySettings
 from diamond.training import apply_speed_switches
-from diamond.world_model import WorldModel, load_world_model
+from diamond.world_model.model import WorldModel, load_world_model
 from stages.common import run_main
 
 
@@ -74,7 +74,7 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[str, Pa
     if args.random_weights is not None:
         p = load_params(args.random_weights)
         game = game_of(args, None)
-        from diamond.world_model import build_world_model
+        from diamond.world_model.model import build_world_model
 
         torch.manual_seed(args.seed)
         wm = build_world_model(p.world_model, num_actions(game), p.env.obs_size, device)

@@ -1,4 +1,4 @@
-"""Stage study: one variant and seed of the world-model study (paper section 5.1, diamond/study.py).
+"""Stage study: one variant and seed of the world-model study (paper section 5.1, diamond/world_model/study.py).
 
 Trains the denoiser D of the variant (formulation, sampling steps) for `study.denoiser_steps` on
 the static episode store `study.dataset`, its last `study.heldout_episodes` finished episodes held
@@ -21,11 +21,11 @@ import torch
 from diamond.config import Params, StudyVariant, to_dict
 from diamond.data import EpisodeStore
 from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
+from diamond.results.study_errors import errors_npz, horizon_summary
 from diamond.seeds import STUDY_ROLLOUTS, derived_seed
-from diamond.study import (EpisodeSubset, errors_npz, heldout_split, horizon_summary, open_loop_errors,
-                           train_denoiser, variant_config)
 from diamond.training import apply_speed_switches
-from diamond.world_model import make_sampler
+from diamond.world_model.model import make_sampler
+from diamond.world_model.study import EpisodeSubset, heldout_split, open_loop_errors, train_denoiser, variant_config
 from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.compute import compute_setup

@@ -1,4 +1,4 @@
-"""Stage study-report: the world-model study's tables and figures (diamond/study_report.py) from
+"""Stage study-report: the world-model study's tables and figures (diamond/results/study_report.py) from
 the error arrays of every variant and seed in `study.variants` x `study.seeds`.
 
     python -m stages.study_report --params params.yaml --game Breakout --jobs-dir study/Breakout --out reports/study
@@ -15,8 +15,8 @@ from typing import Any
 
 from diamond.config import ConfigError, Params
 from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json
-from diamond.study import load_errors
-from diamond.study_report import BASELINE, plot_error_vs_horizon, plot_frame_strip, summarize, table_csv, table_markdown
+from diamond.results.study_errors import load_errors
+from diamond.results.study_report import BASELINE, plot_error_vs_horizon, plot_frame_strip, summarize, table_csv, table_markdown
 from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.tracking import stage_run

@@ -1,7 +1,7 @@
 """Stage train-agent: the rest of DIAMOND's training loop (docs/architecture.md §3.5) for one game and one seed.
 
 Starts from the `collect` dataset and the `train-world-model` checkpoint and runs the epoch loop
-of `diamond.loop` until the real-interaction budget is spent, then the final epochs. The whole
+of `diamond.agent.loop` until the real-interaction budget is spent, then the final epochs. The whole
 state lives in --state-dir and is checkpointed every `agent.checkpoint_every_epochs` epochs; a
 rerun with the same params and inputs resumes from it (a different params or input hash starts
 fresh, and says so). The outputs are written only on completion, each atomically.
@@ -22,17 +22,17 @@ from pathlib import Path
 
 import torch
 
-from diamond.agent_checkpoint import agent_checkpoint, read_agent_checkpoint
+from diamond.agent.checkpoint import agent_checkpoint, read_agent_checkpoint
+from diamond.agent.loop import DATASET_DIR, STATE_FILE, AgentRun, curve_csv, load_state, saved_resume_key, train
 from diamond.config import Params, to_dict
 from diamond.data import EpisodeStore
-from diamond.env import num_actions
+from diamond.env.atari import num_actions
 from diamond.io import ArtifactError, atomic_save_torch, atomic_write_bytes, atomic_write_json
-from diamond.loop import DATASET_DIR, STATE_FILE, AgentRun, curve_csv, load_state, saved_resume_key, train
 from diamond.models.actor_critic import ActorCritic
 from diamond.resume import resume_key
 from diamond.seeds import AGENT_POLICY, AGENT_SEGMENTS, AGENT_TORCH, derived_seed, stream_rng
 from diamond.training import Trainer, apply_speed_switches
-from diamond.world_model import load_world_model, world_model_state
+from diamond.world_model.model import load_world_model, world_model_state
 from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.compute import compute_setup

@@ -1,6 +1,6 @@
 """Stage train-world-model: the first epoch's world-model training (docs/architecture.md §3.5) for one game/seed.
 
-Runs diamond/world_model_loop.py (D for `world_model.denoiser_steps`, R for
+Runs diamond/world_model/loop.py (D for `world_model.denoiser_steps`, R for
 `world_model.reward_end_steps`, interleaved) on the `collect` dataset, logging its curve to
 MLflow, then measures imagination fidelity on held-out real episodes.
 
@@ -9,7 +9,7 @@ MLflow, then measures imagination fidelity on held-out real episodes.
         --out-metrics runs/Breakout-0/world_model.json --out-curve runs/Breakout-0/world_model_curve.csv \
         --out-media runs/Breakout-0/world_model_media
 
-Resume: diamond/world_model_loop.py checkpoints to `<out-checkpoint>.partial` and a rerun with
+Resume: diamond/world_model/loop.py checkpoints to `<out-checkpoint>.partial` and a rerun with
 the same config, game, seed and dataset continues from it, ending with the same weights as an
 uninterrupted run.
 """
@@ -24,11 +24,11 @@ import torch
 
 from diamond.config import Params
 from diamond.data import EpisodeStore
-from diamond.fidelity import heldout_episodes, measure_fidelity, summary_metrics
 from diamond.io import ArtifactError, atomic_write_bytes, atomic_write_json
 from diamond.seeds import WORLD_MODEL_FIDELITY, derived_seed
 from diamond.training import apply_speed_switches
-from diamond.world_model_loop import start_or_resume, train
+from diamond.world_model.fidelity import heldout_episodes, measure_fidelity, summary_metrics
+from diamond.world_model.loop import start_or_resume, train
 from stages import tracking
 from stages.common import base_parser, forget_provenance, load_checked_params, run_main, stage_sections
 from stages.compute import compute_setup

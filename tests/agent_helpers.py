@@ -70,8 +70,8 @@ def prepare_run(tmp: Path, params: dict, train_world_model: bool) -> tuple[Path,
         import torch
 
         from diamond.config import params_from_dict
-        from diamond.env import num_actions
-        from diamond.world_model import build_world_model, save_world_model
+        from diamond.env.atari import num_actions
+        from diamond.world_model.model import build_world_model, save_world_model
 
         torch.manual_seed(0)
         p = params_from_dict(params)

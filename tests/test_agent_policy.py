@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from diamond.agent import AgentPolicy
-from diamond.collector import Collector
+from diamond.agent.policy import AgentPolicy
 from diamond.config import ConfigError, Params
 from diamond.data import EpisodeStore
-from diamond.env import make_env, num_actions
+from diamond.env.atari import make_env, num_actions
+from diamond.env.collector import Collector
 from diamond.models.actor_critic import ActorCritic
 
 GAME = "Breakout"  # 4 actions
@@ -109,7 +109,7 @@ def test_freeway_collect_temperature_reaches_rewards(tmp_path: Path, setting: di
     temperature 0.01 it keeps going UP and scores."""
     from conftest import tiny_params_dict
     from diamond.config import params_from_dict
-    from diamond.loop import AgentRun, _new_collector
+    from diamond.agent.loop import AgentRun, _new_collector
 
     d = tiny_params_dict()
     d["games"], d["agent"]["collect_temperature"] = ["Freeway"], setting

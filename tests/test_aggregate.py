@@ -15,9 +15,9 @@ from PIL import Image
 
 from diamond.config import ConfigError
 from diamond.io import ArtifactError
-from diamond.metrics import METRICS, aggregate, score_matrix
-from diamond.report import AGGREGATE_JSON, FIGURES, TABLE_STEM
-from diamond.scores import REFERENCE_METHODS, atari_100k_games, load_method
+from diamond.results.metrics import METRICS, aggregate, score_matrix
+from diamond.results.report import AGGREGATE_JSON, FIGURES, TABLE_STEM
+from diamond.results.scores import REFERENCE_METHODS, atari_100k_games, load_method
 from stages.aggregate import main
 from conftest import ROOT, tiny_params_dict, write_params
 from test_scores import write_score

@@ -39,9 +39,9 @@ def test_bench_profile_breakdown_adds_up(tmp_path):
 
 def test_bench_run_projection_adds_up(tmp_path):
     """The R and actor-critic step times are there, and paper_run_hours is each model's steps of the
-    config's schedule (counted here with diamond.loop's own epoch count) times its step time."""
+    config's schedule (counted here with diamond.agent.loop's own epoch count) times its step time."""
     from diamond.config import load_params
-    from diamond.loop import AgentRun
+    from diamond.agent.loop import AgentRun
 
     out = tmp_path / "bench.json"
     bench.main(["--json", str(out), *TINY, "--bf16", "--channels-last"])
@@ -144,10 +144,10 @@ def test_denoiser_draws_trains_and_measures_a_draw_and_a_checkpoint(tmp_path):
     is all the randomness), another autoregressive setting other ones, and `--checkpoint`
     measures a saved world model's D on the same rollouts."""
     from benchmarks import denoiser_draws
-    from diamond.collector import Collector, UniformPolicy
+    from diamond.env.collector import Collector, UniformPolicy
     from diamond.data import EpisodeStore
-    from diamond.env import make_env, num_actions
-    from diamond.world_model import build_world_model, save_world_model
+    from diamond.env.atari import make_env, num_actions
+    from diamond.world_model.model import build_world_model, save_world_model
     from tests.conftest import tiny_params_dict, write_params
 
     d = tiny_params_dict()

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_params_dict, write_params
-from diamond.collector import Collector, UniformPolicy, run_episodes
 from diamond.config import EnvConfig
 from diamond.data import EpisodeStore
-from diamond.env import make_env, num_actions
+from diamond.env.atari import make_env, num_actions
+from diamond.env.collector import Collector, UniformPolicy, run_episodes
 from diamond.io import read_json
 
 CFG = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=108_000, obs_size=64, life_counter="every_step")
@@ -113,7 +113,7 @@ def test_episode_in_progress_is_in_the_store_after_every_call(tmp_path):
 def test_resume_puts_the_episode_in_progress_back_as_saved(tmp_path):
     """A killed run may grow (or end) the stored episode in progress after its checkpoint: resuming
     from the checkpoint rewrites it as saved, and the run goes on as if never interrupted."""
-    from diamond.loop import truncate_store
+    from diamond.agent.loop import truncate_store
 
     def collector(root: Path) -> Collector:
         store = EpisodeStore(root, game="Breakout", num_actions=4) if not root.exists() else EpisodeStore(root)

@@ -23,13 +23,13 @@ from torch._dynamo.backends.debugging import aot_eager
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import tiny_params_dict
+from diamond.agent.imagination import ImaginationEnv, categorical
 from diamond.config import Params, params_from_dict
 from diamond.data import SegmentSampler
-from diamond.imagination import ImaginationEnv, categorical
 from diamond.models.actor_critic import ActorCritic
-from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
-from diamond.sampler import DiffusionSampler
+from diamond.world_model.denoiser import Denoiser
+from diamond.world_model.sampler import DiffusionSampler
 
 NUM_ACTIONS, SIZE, BATCH = 18, 32, 3  # 18: benchmarks.bench's synthetic store
 
@@ -282,8 +282,8 @@ def test_world_model_training_losses_are_one_graph(params: Params, model_name: s
 def test_compile_imagination_compiles_with_fullgraph(params: Params, monkeypatch: pytest.MonkeyPatch) -> None:
     """compile_imagination compiles both parts of the step with fullgraph=True (a graph break is an
     error there, not a silent split): the transition with CUDA graphs (reduce-overhead), the
-    actor-critic's forward without (diamond.agent.compiled_forward)."""
-    from diamond.agent import compiled_forward
+    actor-critic's forward without (diamond.agent.policy.compiled_forward)."""
+    from diamond.agent.policy import compiled_forward
 
     calls: list[dict] = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)

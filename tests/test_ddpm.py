@@ -1,4 +1,4 @@
-"""DDPM as the official `ddpm` branch does it (diamond/ddpm.py, Denoiser formulation "ddpm").
+"""DDPM as the official `ddpm` branch does it (diamond/world_model/ddpm.py, Denoiser formulation "ddpm").
 
 Expected values are derived here by hand in float64 numpy from the formulas (Ho et al. 2020 and
 diffusers 0.17's DDPMScheduler as the branch configures it), not from our code.
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from diamond import ddpm
 from diamond.config import ConfigError, params_from_dict
-from diamond.models.denoiser import Denoiser
-from diamond.world_model import build_world_model
+from diamond.world_model import ddpm
+from diamond.world_model.denoiser import Denoiser
+from diamond.world_model.model import build_world_model
 from conftest import tiny_params_dict
 from test_denoiser import random_segment
 

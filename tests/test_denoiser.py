@@ -12,8 +12,8 @@ import yaml
 
 from diamond.config import ConfigError, DenoiserConfig, params_from_dict
 from diamond.data import Segment
-from diamond.models.denoiser import Denoiser, edm_conditioners
-from diamond.sampler import quantize_8bit
+from diamond.world_model.denoiser import Denoiser, edm_conditioners
+from diamond.world_model.sampler import quantize_8bit
 from conftest import tiny_params_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import pytest
 from gymnasium.wrappers import AtariPreprocessing
 
 from diamond.config import ConfigError, EnvConfig
-from diamond.env import ATARI_100K_GAMES, make_env, num_actions, rom_id
+from diamond.env.atari import ATARI_100K_GAMES, make_env, num_actions, rom_id
 
 CFG = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=108_000, obs_size=64, life_counter="every_step")
 FIRE = 1  # Breakout's minimal action set: NOOP, FIRE, RIGHT, LEFT

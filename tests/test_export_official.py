@@ -14,12 +14,12 @@ import yaml
 
 from agent_helpers import agent_params_dict, agent_paths, prepare_run, run_stage, stage_env
 from conftest import ROOT, tiny_params_dict
-from diamond.agent_checkpoint import agent_checkpoint, read_agent_checkpoint
+from diamond.agent.checkpoint import agent_checkpoint, read_agent_checkpoint
 from diamond.config import Params, load_params, params_from_dict, to_dict
 from diamond.io import ArtifactError, atomic_save_torch
 from diamond.models.actor_critic import ActorCritic
-from diamond.official_export import to_official
-from diamond.world_model import build_world_model, world_model_state
+from diamond.official.export import to_official
+from diamond.world_model.model import build_world_model, world_model_state
 from stages.export_official import export
 from stages.import_official import convert, read_official
 from test_import_official import OFFICIAL, import_official, one_line_error

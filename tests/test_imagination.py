@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from conftest import tiny_params_dict
-from diamond.agent import compiled_forward, imagination_loss, real_data_loss
-from diamond.collector import Collector, UniformPolicy
+from diamond.agent.imagination import ImaginationEnv, ImaginedStep, Restart
+from diamond.agent.policy import compiled_forward, imagination_loss, real_data_loss
 from diamond.config import Params, params_from_dict
 from diamond.data import EpisodeStore, SegmentSampler
-from diamond.env import make_env, num_actions
-from diamond.imagination import ImaginationEnv, ImaginedStep, Restart
+from diamond.env.atari import make_env, num_actions
+from diamond.env.collector import Collector, UniformPolicy
 from diamond.models.actor_critic import ActorCritic
-from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
-from diamond.sampler import DiffusionSampler
+from diamond.world_model.denoiser import Denoiser
+from diamond.world_model.sampler import DiffusionSampler
 
 GAME = "Breakout"
 

@@ -14,9 +14,9 @@ import torch
 
 from agent_helpers import stage_env
 from conftest import ROOT, write_params
-from diamond.agent_checkpoint import read_agent_checkpoint
+from diamond.agent.checkpoint import read_agent_checkpoint
 from diamond.io import ArtifactError, atomic_save_torch
-from diamond.world_model import load_world_model
+from diamond.world_model.model import load_world_model
 from test_official_parity import FIXTURE, fixture_params, fixture_params_dict
 
 # The fixture's official agent has 3 actions: Freeway's minimal action set (no-op, up, down).

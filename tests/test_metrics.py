@@ -1,4 +1,4 @@
-"""Aggregate metrics against rliable and hand-computed values (diamond/metrics.py)."""
+"""Aggregate metrics against rliable and hand-computed values (diamond/results/metrics.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from rliable import library as rly
 from rliable import metrics as rlm
 
-from diamond.metrics import (
+from diamond.results.metrics import (
     METRICS,
     aggregate,
     improvement_over,
@@ -15,7 +15,7 @@ from diamond.metrics import (
     probability_of_improvement,
     score_matrix,
 )
-from diamond.scores import MethodScores, human_scores, random_scores
+from diamond.results.scores import MethodScores, human_scores, random_scores
 
 GAMES = ("Boxing", "Breakout", "Freeway", "Pong")
 

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from diamond.agent import _combine, imagine_window
+from diamond.agent.imagination import Draws, ImaginationEnv, ImaginedStep
+from diamond.agent.policy import _combine, imagine_window
 from diamond.data.sampler import Segment
-from diamond.imagination import Draws, ImaginationEnv, ImaginedStep
-from diamond.official import load_official, map_key
+from diamond.official.keymap import load_official, map_key
 from diamond.training import Trainer
-from diamond.world_model import make_sampler
+from diamond.world_model.model import make_sampler
 from test_official_parity import FIXTURE, fixture_params_dict, paper_models
 
 from diamond.config import params_from_dict

@@ -16,9 +16,9 @@ import torch
 from diamond.config import Params, params_from_dict
 from diamond.io import ArtifactError
 from diamond.models.actor_critic import ActorCritic
-from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
-from diamond.official import load_official, official_num_actions, split_official
+from diamond.official.keymap import load_official, official_num_actions, split_official
+from diamond.world_model.denoiser import Denoiser
 from conftest import ROOT, tiny_params_dict
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official"

@@ -30,9 +30,9 @@ import yaml
 from diamond.config import params_from_dict
 from diamond.data.sampler import Segment
 from diamond.models.actor_critic import ActorCritic
-from diamond.official import load_official, map_key
+from diamond.official.keymap import load_official, map_key
 from diamond.training import training_step, weight_decay_groups
-from diamond.world_model import WorldModel, build_world_model, load_world_model, save_world_model
+from diamond.world_model.model import WorldModel, build_world_model, load_world_model, save_world_model
 from conftest import ROOT
 from test_official_parity import fixture_params_dict
 

@@ -31,15 +31,15 @@ import torch
 
 from conftest import ROOT, tiny_params_dict
 
-from diamond.agent_checkpoint import agent_checkpoint
+from diamond.agent.checkpoint import agent_checkpoint
 from diamond.config import params_from_dict, to_dict
 from diamond.data import EpisodeStore
-from diamond.frames import to_float, to_uint8
+from diamond.data.frames import to_float, to_uint8
 from diamond.io import atomic_save_torch
 from diamond.models.actor_critic import ActorCritic
-from diamond.play import RealGame
+from diamond.play.session import RealGame
 from diamond.seeds import derived_seed
-from diamond.world_model import build_world_model, load_world_model, save_world_model, world_model_state
+from diamond.world_model.model import build_world_model, load_world_model, save_world_model, world_model_state
 
 GAME, SEED, NOOP, LEFT, STEPS = "Breakout", 3, 0, 3, 3
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # as tests/test_mlflow_ui.py
@@ -207,7 +207,7 @@ def wait_until(what: str, check, timeout: float = 30.0) -> Any:
 def predicted_frames(agent: Path, episode: int, action: int, steps: int) -> list[np.ndarray]:
     """The world model called directly: episode `episode`'s real start, torch seeded as the play
     session seeds it, then `steps` times the sampler and R on `action` (with R's two draws per
-    step, the random numbers an imagination step takes: diamond/imagination.py)."""
+    step, the random numbers an imagination step takes: diamond/agent/imagination.py)."""
     p = tiny_params()
     ckpt = torch.load(agent, weights_only=False)
     wm = load_world_model(agent, torch.device("cpu"), ckpt=ckpt["world_model"])
@@ -337,7 +337,7 @@ def test_dataset_mode_replays_a_store_frame_by_frame(tmp_path: Path) -> None:
     """Dataset mode (the authors' dataset viewer, src/game/dataset_env.py) shows every stored
     frame in order, episode after episode, with the stored actions and rewards."""
     from diamond.data import Episode
-    from diamond.play import PlaySession, PlaySettings
+    from diamond.play.session import PlaySession, PlaySettings
 
     rng = np.random.default_rng(0)
     store = EpisodeStore(tmp_path / "dataset", game=GAME, num_actions=4)
@@ -363,12 +363,12 @@ def test_page_is_self_contained() -> None:
     """The page works offline: no script, style, font or image from the network."""
     from importlib import resources
 
-    page = resources.files("diamond").joinpath("play_page.html").read_text()
+    page = resources.files("diamond.play").joinpath("page.html").read_text()
     assert "http:" not in page and "https:" not in page and 'src="//' not in page and "@import" not in page
 
 
 def test_world_model_alone_is_played_by_a_person(checkpoints: dict[str, Path]) -> None:
-    from diamond.play import PlaySession
+    from diamond.play.session import PlaySession
 
     wm = load_world_model(checkpoints["world_model"], torch.device("cpu"))
     session = PlaySession(GAME, tiny_params().env, wm, None, torch.device("cpu"))

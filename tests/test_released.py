@@ -22,8 +22,8 @@ import yaml
 
 from agent_helpers import stage_env
 from conftest import ROOT, write_params
+from diamond.agent.evaluation import agent_test_returns
 from diamond.config import params_from_dict
-from diamond.evaluation import agent_test_returns
 from diamond.models.actor_critic import ActorCritic
 from pipeline_repo import dvc_stages_run, make_repo, run_tool
 from test_import_official import one_line_error

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from diamond.collector import Collector, UniformPolicy
 from diamond.data import Episode, EpisodeStore, SegmentSampler
 from diamond.data.resave import ResavedEpisodes, resave_table, training_episodes, write_counts
+from diamond.env.collector import Collector, UniformPolicy
 from diamond.io import ArtifactError
 
 OFFICIAL_WRITES = Path(__file__).parent / "fixtures" / "official" / "c9_writes.pt"
@@ -157,7 +157,7 @@ def test_a_cut_right_after_an_in_progress_write_is_not_another_write(tmp_path):
     agent = Collector(ReplayEnv(fx), UniformPolicy(1, np.random.default_rng(0)), store, store_in_progress=True,
                       record_writes=True)
     agent.collect(5)
-    agent.flush()  # diamond/loop.py cuts the game where the budget runs out
+    agent.flush()  # diamond/agent/loop.py cuts the game where the budget runs out
     assert store.write_history(0) == [5] and store[0].truncated[-1]
 
 
@@ -211,9 +211,9 @@ def test_unknown_training_frames_is_a_clear_error(tmp_path):
 
 
 def _first_epoch_denoiser(tmp_path: Path, store: EpisodeStore, training_frames: str) -> dict[str, torch.Tensor]:
-    """D's weights after two train-world-model steps on `store` (diamond/world_model_loop.py)."""
+    """D's weights after two train-world-model steps on `store` (diamond/world_model/loop.py)."""
     from conftest import tiny_params_dict
-    from diamond import world_model_loop
+    from diamond.world_model import loop as world_model_loop
     from diamond.config import params_from_dict
 
     d = tiny_params_dict()
@@ -232,7 +232,7 @@ def _first_epoch_denoiser(tmp_path: Path, store: EpisodeStore, training_frames: 
 
 def test_train_world_model_reads_the_collect_stage_frames_written_once(tmp_path):
     from diamond.config import EnvConfig
-    from diamond.env import make_env, num_actions
+    from diamond.env.atari import make_env, num_actions
 
     env_cfg = EnvConfig(frame_skip=4, max_noops=30, max_episode_frames=2000, obs_size=32, life_counter="every_step")
     store = EpisodeStore(tmp_path / "collected", game="Breakout", num_actions=num_actions("Breakout"))

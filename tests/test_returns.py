@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diamond.returns import lambda_returns
+from diamond.agent.returns import lambda_returns
 
 
 def _t(rows: list[list[float]]) -> torch.Tensor:

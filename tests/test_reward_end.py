@@ -121,7 +121,7 @@ def test_lstm_reads_the_encoder_map_as_is(tiny_params):
 def test_world_model_state_of_another_format_is_a_one_line_error(tiny_params):
     """An agent checkpoint embeds the world-model state; one from older code names its format."""
     from diamond.io import ArtifactError
-    from diamond.world_model import build_world_model, load_world_model, world_model_state
+    from diamond.world_model.model import build_world_model, load_world_model, world_model_state
 
     wm = build_world_model(tiny_params.world_model, 3, tiny_params.env.obs_size, torch.device("cpu"))
     state = world_model_state(wm)

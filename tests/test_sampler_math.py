@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diamond.config import SamplerConfig
-from diamond.sampler import (
+from diamond.world_model.sampler import (
     DiffusionSampler,
     churn_gamma,
     euler_step,

@@ -1,4 +1,4 @@
-"""Reference scores, score files and human normalization (diamond/scores.py)."""
+"""Reference scores, score files and human normalization (diamond/results/scores.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from diamond.io import ArtifactError
-from diamond.scores import (
+from diamond.results.scores import (
     REFERENCE_DIR,
     REFERENCE_METHODS,
     atari_100k_games,
@@ -59,7 +59,7 @@ def test_human_normalized_matches_hand_computed_values():
 
 
 def test_games_are_the_atari_100k_games_of_the_environment():
-    from diamond.env import ATARI_100K_GAMES
+    from diamond.env.atari import ATARI_100K_GAMES
 
     assert atari_100k_games() == tuple(ATARI_100K_GAMES)
     assert set(random_scores()) == set(human_scores()) == set(ATARI_100K_GAMES)

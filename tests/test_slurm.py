@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from diamond.loop import STATE_FILE
+from diamond.agent.loop import STATE_FILE
 from pipeline_repo import assert_same_run, make_repo, mlflow_runs, pipeline_params, tool_env
 from slurm_cluster import Cluster, why_unavailable
 

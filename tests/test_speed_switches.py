@@ -9,10 +9,10 @@ import torch
 
 from diamond.config import ConfigError, params_from_dict
 from diamond.models.actor_critic import ActorCritic
-from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
-from diamond.sampler import DiffusionSampler
 from diamond.training import Trainer, compile_networks, set_memory_format, set_tf32
+from diamond.world_model.denoiser import Denoiser
+from diamond.world_model.sampler import DiffusionSampler
 from conftest import tiny_params_dict
 from test_denoiser import random_segment
 
@@ -121,6 +121,6 @@ def test_restart_rows_keeps_the_running_state_dtype(tiny_params):
     ac = ActorCritic(tiny_params.actor_critic, 4, 16)
     state = tuple(x.double() for x in ac.initial_state(3, "cpu"))
     rows = torch.tensor([True, False, True])
-    context = torch.rand(3, 3, 3, 16, 16) * 2 - 1  # aligned with the batch (diamond.imagination.Restart)
+    context = torch.rand(3, 3, 3, 16, 16) * 2 - 1  # aligned with the batch (diamond.agent.imagination.Restart)
     h, c = ac.restart_rows(state, rows, context, torch.ones(3, 3, dtype=torch.bool))
     assert h.dtype == c.dtype == torch.float64 and h[0].abs().sum() > 0 and h[1].abs().sum() == 0

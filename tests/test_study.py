@@ -1,4 +1,4 @@
-"""The world-model study (diamond/study.py, diamond/study_report.py; stages study, study-report):
+"""The world-model study (diamond/world_model/study.py, diamond/results/study_report.py; stages study, study-report):
 its metrics on hand-made frames, the repeat-last baseline, the bootstrap table, params errors,
 and one tiny end-to-end run through real DVC."""
 
@@ -18,9 +18,9 @@ import torch
 from conftest import tiny_params_dict
 from diamond.config import ConfigError, StudyVariant, params_from_dict
 from diamond.data import Episode
-from diamond.study import (bootstrap_mean_ci, frame_errors, open_loop_errors, per_step_means, repeat_last_errors,
-                           variant_config)
-from diamond.study_report import BASELINE, summarize, table_csv, table_markdown
+from diamond.results.study_errors import bootstrap_mean_ci, per_step_means
+from diamond.results.study_report import BASELINE, summarize, table_csv, table_markdown
+from diamond.world_model.study import frame_errors, open_loop_errors, repeat_last_errors, variant_config
 
 
 def test_frame_errors_on_hand_made_frames() -> None:
@@ -178,9 +178,9 @@ def test_study_configs_differ_from_their_base_only_in_the_study_keys() -> None:
 
 def collect_dataset(root: Path, steps: int) -> None:
     """A uniform-policy Breakout store at 16x16 (a stand-in for an agent's dataset)."""
-    from diamond.collector import Collector, UniformPolicy
+    from diamond.env.collector import Collector, UniformPolicy
     from diamond.data import EpisodeStore
-    from diamond.env import make_env, num_actions
+    from diamond.env.atari import make_env, num_actions
 
     p = params_from_dict(study_params())
     env_cfg = dataclasses.replace(p.env, obs_size=16)

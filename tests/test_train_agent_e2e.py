@@ -13,7 +13,7 @@ import pytest
 from agent_helpers import agent_params_dict, agent_paths, prepare_run, run_stage
 from diamond.data import EpisodeStore
 from diamond.io import read_json
-from diamond.scores import load_result
+from diamond.results.scores import load_result
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import pytest
 
 from conftest import write_params
 from agent_helpers import agent_params_dict, agent_paths, prepare_run, run_stage, stage_args, stage_env
-from diamond.data import EpisodeStore
 from diamond.config import OFFICIAL_BEHAVIOUR, params_from_dict
+from diamond.data import EpisodeStore
 from diamond.io import ArtifactError, load_torch, read_json
 from stages.train_agent import run_key
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_params_dict, write_params
-from diamond.collector import Collector, UniformPolicy
 from diamond.config import params_from_dict
 from diamond.data import EpisodeStore
-from diamond.env import make_env, num_actions
+from diamond.env.atari import make_env, num_actions
+from diamond.env.collector import Collector, UniformPolicy
 from diamond.io import ArtifactError, read_json
 from diamond.models.reward_end import class_counts, log_priors
-from diamond.world_model import load_world_model, read_checkpoint
+from diamond.world_model.model import load_world_model, read_checkpoint
 from stages import train_world_model as stage
 
 GAME = "Breakout"

@@ -9,9 +9,9 @@ from torch import nn
 from diamond.config import OptimizerConfig
 from diamond.io import ArtifactError
 from diamond.models.blocks import AdaGroupNorm, FourierFeatures
-from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
 from diamond.training import Trainer, weight_decay_groups
+from diamond.world_model.denoiser import Denoiser
 
 
 class Small(nn.Module):

@@ -24,12 +24,12 @@ import pytest
 import torch
 
 from conftest import tiny_params_dict
-from diamond.collector import Collector, UniformPolicy
 from diamond.config import Params, params_from_dict
 from diamond.data import EpisodeStore, SegmentSampler
-from diamond.env import make_env, num_actions
-from diamond.fidelity import heldout_episodes, open_loop_metrics, reward_end_metrics
-from diamond.world_model import build_world_model
+from diamond.env.atari import make_env, num_actions
+from diamond.env.collector import Collector, UniformPolicy
+from diamond.world_model.fidelity import heldout_episodes, open_loop_metrics, reward_end_metrics
+from diamond.world_model.model import build_world_model
 
 pytestmark = pytest.mark.slow
 

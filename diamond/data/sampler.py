@@ -25,8 +25,8 @@ import torch
 
 from diamond.config import SEGMENT_ENDS, SEGMENT_FRAMES, DenoiserConfig, RewardEndConfig
 from diamond.data.episode import Episode
+from diamond.data.frames import to_float
 from diamond.data.store import EpisodeStore
-from diamond.frames import to_float
 
 RECENCY_WEIGHTS = (0.1, 0.1, 0.1, 0.7)
 

@@ -73,7 +73,7 @@ class ActorCritic(nn.Module):
         """The state with the rows where `rows` (B,) is True replaced by a burn-in on their context.
 
         `context_obs` (B, T, 3, H, W) and `context_mask` (B, T) are aligned with the batch (rows that
-        go on may hold anything); with 0 rows, no row restarts (diamond.imagination.Restart). Static
+        go on may hold anything); with 0 rows, no row restarts (diamond.agent.imagination.Restart). Static
         shapes, no host sync: the burn-in runs on all B rows and torch.where keeps the rows that go
         on, with their gradient path. `with_gradient`: the burn-in is part of the graph, as in the
         official env loop (src/coroutines/env_loop.py:53-56; params actor_critic.burn_in).

@@ -2,7 +2,7 @@
 
 The module tree mirrors the official DIAMOND code (`src/models/blocks.py` of
 github.com/eloialonso/diamond) block for block, so that an official state dict maps onto ours by
-renaming keys alone (`diamond/official.py`); the initialisations are the official ones:
+renaming keys alone (`diamond/official/keymap.py`); the initialisations are the official ones:
 zero-initialised second conv in every residual block and attention output, orthogonal
 downsampling convs. `docs/official-parity.md` lists every remaining difference.
 """

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from diamond.config import ConfigError, RewardEndConfig
 from diamond.models.blocks import Downsample, ResBlocks, init_lstm
-from diamond.models.denoiser import SegmentLike
 from diamond.training import read_metrics
+from diamond.world_model.denoiser import SegmentLike
 
 NUM_REWARD_CLASSES = 3
 NUM_END_CLASSES = 2

@@ -6,7 +6,7 @@ decoder mirrors it: each decoder level reads the encoder level's activations in 
 (its block outputs, then the map it started from) one per block, so it holds one block more than
 the encoder level, and its last block returns to the width of the level above. A middle block of
 two residual blocks with self-attention sits at the bottom. The module tree is the official one,
-so official weights load by renaming keys (`diamond/official.py`).
+so official weights load by renaming keys (`diamond/official/keymap.py`).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from rliable import plot_utils  # noqa: E402
 
 from diamond.io import atomic_write_bytes, atomic_write_json  # noqa: E402
-from diamond.metrics import (  # noqa: E402
+from diamond.results.metrics import (  # noqa: E402
     METRIC_LABELS,
     METRICS,
     Improvement,
@@ -36,7 +36,7 @@ from diamond.metrics import (  # noqa: E402
     performance_profiles,
     score_matrix,
 )
-from diamond.scores import MethodScores, atari_100k_games, human_normalized, human_scores, random_scores  # noqa: E402
+from diamond.results.scores import MethodScores, atari_100k_games, human_normalized, human_scores, random_scores  # noqa: E402
 
 TABLE_STEM = "atari100k_table"
 AGGREGATE_JSON = "atari100k_aggregate.json"

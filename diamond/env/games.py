@@ -1,6 +1,6 @@
 """The Atari 100k benchmark's names: its 26 games and the published methods the tables compare
 with (docs/architecture.md §2). Its own module, so that the config checks names when params
-load without importing the emulator (diamond/env.py imports the config)."""
+load without importing the emulator (diamond/env/atari.py imports the config)."""
 
 from __future__ import annotations
 
@@ -12,5 +12,5 @@ ATARI_100K_GAMES: tuple[str, ...] = (
     "RoadRunner", "Seaquest", "UpNDown",
 )
 
-# Published methods with per-run scores in diamond/reference_data/ (diamond/scores.py reads them).
+# Published methods with per-run scores in diamond/results/reference_data/ (diamond/results/scores.py reads them).
 REFERENCE_METHODS: tuple[str, ...] = ("DIAMOND", "IRIS", "SimPLe", "SPR", "DrQ-eps", "EfficientZero", "CURL")

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch.distributions import Categorical
 
+from diamond.agent.imagination import Carry, ImaginationEnv, Restart, categorical
+from diamond.agent.returns import lambda_returns
 from diamond.config import ActorCriticConfig, ConfigError
 from diamond.data import SegmentSampler
-from diamond.frames import to_float
-from diamond.imagination import Carry, ImaginationEnv, Restart, categorical
+from diamond.data.frames import to_float
 from diamond.models.actor_critic import ActorCritic, HiddenState
-from diamond.returns import lambda_returns
 from diamond.training import read_metrics
 
 

@@ -1,4 +1,4 @@
-"""Our agent checkpoint -> an official DIAMOND agent state dict (the inverse of `diamond/official.py`).
+"""Our agent checkpoint -> an official DIAMOND agent state dict (the inverse of `diamond/official/keymap.py`).
 
 What the official code reads: `Agent.load` (`src/agent.py:48-62`) runs `torch.load` and hands each
 of `denoiser`, `rew_end_model`, `actor_critic` the keys that start with its name, prefix stripped
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from diamond.config import ActorCriticConfig, Params, WorldModelConfig
 from diamond.io import ArtifactError
-from diamond.official import NETWORKS, map_key
+from diamond.official.keymap import NETWORKS, map_key
 
 # The official GroupNorm group size, a constant (GN_GROUP_SIZE, src/models/blocks.py:12).
 OFFICIAL_GROUP_CHANNELS = 32

@@ -16,12 +16,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diamond.agent import sample_action
-from diamond.collector import Policy, chw, run_episodes
+from diamond.agent.imagination import ImaginationEnv
+from diamond.agent.policy import sample_action
 from diamond.config import EnvConfig
-from diamond.env import make_env
-from diamond.frames import to_float, to_uint8
-from diamond.imagination import ImaginationEnv
+from diamond.data.frames import to_float, to_uint8
+from diamond.env.atari import make_env
+from diamond.env.collector import Policy, chw, run_episodes
 from diamond.models.actor_critic import ActorCritic
 from diamond.seeds import episode_seeds
 

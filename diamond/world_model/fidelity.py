@@ -29,11 +29,11 @@ from torch import Tensor
 
 from diamond.config import EnvConfig
 from diamond.data import Episode, EpisodeStore
-from diamond.frames import gif_bytes, to_float, to_uint8
+from diamond.data.frames import gif_bytes, to_float, to_uint8
 from diamond.io import atomic_write_bytes
 from diamond.models.reward_end import NUM_END_CLASSES, NUM_REWARD_CLASSES, RewardEndModel, reward_classes
-from diamond.sampler import DiffusionSampler
 from diamond.seeds import COLLECT_POLICY, HELDOUT, derived_seed, stream_rng
+from diamond.world_model.sampler import DiffusionSampler
 
 MAX_ROLLOUTS_PER_EPISODE = 16
 REWARD_CLASS_NAMES = ("negative", "zero", "positive")
@@ -47,8 +47,8 @@ def heldout_seed(seed: int) -> int:
 
 def heldout_episodes(game: str, seed: int, env_cfg: EnvConfig, num_episodes: int, chunk_steps: int = 100) -> list[Episode]:
     """`num_episodes` fresh uniform-policy training-mode episodes of `game`, on a held-out seed."""
-    from diamond.collector import Collector, UniformPolicy
-    from diamond.env import make_env, num_actions
+    from diamond.env.collector import Collector, UniformPolicy
+    from diamond.env.atari import make_env, num_actions
 
     s = heldout_seed(seed)
     n = num_actions(game)

@@ -1,4 +1,4 @@
-"""The play page's HTTP server: one page and a small JSON API over a `PlaySession` (diamond/play.py).
+"""The play page's HTTP server: one page and a small JSON API over a `PlaySession` (diamond/play/session.py).
 
 Standard library only (ThreadingHTTPServer); a game thread steps the session at the target
 frame rate, as the authors' pygame loop does (src/game/game.py, `clock.tick(fps)`), while request
@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
-from diamond.play import PlaySession
+from diamond.play.session import PlaySession
 
 MAX_BODY = 4096
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -37,7 +37,7 @@ class PlayServer(ThreadingHTTPServer):
         super().__init__((host, port), PlayHandler)
         self.session = session
         self.lock = threading.Lock()
-        self.page = resources.files("diamond").joinpath("play_page.html").read_bytes()
+        self.page = resources.files("diamond.play").joinpath("page.html").read_bytes()
         # Bound to loopback, only this machine's names may reach it; bound elsewhere (--host, a
         # deliberate choice), the names it is reached by are not known here.
         self.allowed_hosts = LOOPBACK_NAMES if host in LOOPBACK_NAMES else None

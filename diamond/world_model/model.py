@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from diamond.config import ConfigError, WorldModelConfig, _build, params_hash, to_dict
-from diamond.ddpm import DDPMSampler
 from diamond.io import ArtifactError, atomic_save_torch, load_torch
-from diamond.models.denoiser import Denoiser
 from diamond.models.reward_end import RewardEndModel
-from diamond.sampler import DiffusionSampler
 from diamond.training import Trainer
+from diamond.world_model.ddpm import DDPMSampler
+from diamond.world_model.denoiser import Denoiser
+from diamond.world_model.sampler import DiffusionSampler
 
 CHECKPOINT_FORMAT = "diamond-world-model/3"  # /3: the official module tree (docs/official-parity.md)
 

@@ -2,7 +2,7 @@
 
 The authors' play mode (src/play.py, src/game/play_env.py, src/game/game.py) is a pygame window
 in which the agent or a person plays inside the world model, the real game can be swapped in, and
-a dataset can be replayed. Here the same session is driven by a small JSON API (diamond/play_server.py)
+a dataset can be replayed. Here the same session is driven by a small JSON API (diamond/play/server.py)
 and drawn by a browser, so it runs without a display.
 
 Every episode starts from real frames: the real game (test settings) is reset and plays
@@ -28,15 +28,15 @@ import ale_py
 import numpy as np
 import torch
 
-from diamond.collector import chw
+from diamond.agent.imagination import ImaginationEnv
 from diamond.config import EnvConfig
 from diamond.data import Episode, EpisodeStore
-from diamond.env import make_env, rom_id
-from diamond.frames import to_float, to_uint8
-from diamond.imagination import ImaginationEnv
+from diamond.data.frames import to_float, to_uint8
+from diamond.env.atari import make_env, rom_id
+from diamond.env.collector import chw
 from diamond.models.actor_critic import ActorCritic
 from diamond.seeds import derived_seed
-from diamond.world_model import WorldModel, make_sampler
+from diamond.world_model.model import WorldModel, make_sampler
 
 MODES = ("world_model", "real_test", "real_train", "dataset")
 CONTROLLERS = ("agent", "human")
@@ -49,7 +49,7 @@ RECORD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def action_names(game: str) -> list[str]:
-    """Names of the game's minimal action set, in the order of the action indices (diamond.env)."""
+    """Names of the game's minimal action set, in the order of the action indices (diamond.env.atari)."""
     ale = ale_py.ALEInterface()
     ale.setLoggerMode(ale_py.LoggerMode.Error)
     ale.loadROM(ale_py.roms.get_rom_path(rom_id(game)))

@@ -30,7 +30,7 @@ from gymnasium import spaces
 from gymnasium.utils import seeding
 
 from diamond.config import LIFE_COUNTERS, ConfigError, EnvConfig, check_choice, check_section
-from diamond.games import ATARI_100K_GAMES
+from diamond.env.games import ATARI_100K_GAMES
 
 gymnasium.register_envs(ale_py)
 

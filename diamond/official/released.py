@@ -12,7 +12,7 @@ folder of files and nothing is downloaded twice:
    mirror; `HF_HUB_OFFLINE=1` forbids the network).
 
 Whatever the source, the file's sha256 is part of the answer, so that every score traces back
-to the exact bytes it came from. The format is converted by `diamond.official`.
+to the exact bytes it came from. The format is converted by `diamond.official.keymap`.
 """
 
 from __future__ import annotations

@@ -6,14 +6,14 @@ Two formulations share the U-Net F (same parameters, same checkpoint layout):
   c_out F(c_in x, c_noise, past frames / sigma_data, past actions). With
   s = sqrt(sigma^2 + sigma_offset^2): c_in = 1/sqrt(s^2 + sd^2), c_skip = sd^2/(s^2 + sd^2),
   c_out = s*sd/sqrt(s^2 + sd^2), c_noise = log(s)/4. Training sigmas are log-normal, clipped;
-  F's target is (x0 - c_skip x_noisy) / c_out. Sampled by `diamond.sampler.DiffusionSampler`.
+  F's target is (x0 - c_skip x_noisy) / c_out. Sampled by `diamond.world_model.sampler.DiffusionSampler`.
 - "ddpm" (the paper's ablation, section 5.1, as the official `ddpm` branch does it,
   ddpm:src/models/diffusion/denoiser.py:22-57): F predicts the noise epsilon of
   x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) epsilon on the linear schedule of
-  `diamond.ddpm` (T = `ddpm_num_timesteps`). F reads x_t and the past frames as they are (no
+  `diamond.world_model.ddpm` (T = `ddpm_num_timesteps`). F reads x_t and the past frames as they are (no
   c_in, no division by sigma_data) and c_noise = (t + 1)/T. Training draws t uniformly in
   0..T-1 and epsilon = N(0, I) + `sigma_offset_noise` * N(0, I) per sample and channel: the
-  offset noise is in x_t and in the target. Sampled by `diamond.ddpm.DDPMSampler`.
+  offset noise is in x_t and in the target. Sampled by `diamond.world_model.ddpm.DDPMSampler`.
 
 In both, the loss is the MSE of F's output against its target, masked where the target frame
 is padding, averaged over `num_autoregressive_steps` + 1 targets per segment, later ones
@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diamond import ddpm
 from diamond.config import ConfigError, DenoiserConfig
 from diamond.models.blocks import FourierFeatures
 from diamond.models.unet import UNet
-from diamond.sampler import quantize_8bit
+from diamond.world_model import ddpm
+from diamond.world_model.sampler import quantize_8bit
 
 FORMULATIONS = ("edm", "ddpm")
 

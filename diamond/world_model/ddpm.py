@@ -19,7 +19,7 @@ implementation of the parts it uses, without diffusers:
   `set_timesteps(n)` grid. The result is clamped and quantized once, at the end.
 
 The denoiser side (c_noise, epsilon-MSE loss with offset noise, unscaled conditioning frames)
-lives in `diamond.models.denoiser`, formulation "ddpm".
+lives in `diamond.world_model.denoiser`, formulation "ddpm".
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from diamond.config import SamplerConfig
-from diamond.sampler import QUANTIZATIONS, quantize_8bit
+from diamond.world_model.sampler import QUANTIZATIONS, quantize_8bit
 
 # DDPMScheduler's default linear schedule, which the branch keeps
 # (ddpm:src/models/diffusion/denoiser.py:27 passes only num_train_timesteps).
@@ -44,7 +44,7 @@ MIN_VARIANCE = 1e-20
 
 
 class NoisePredictor(Protocol):
-    """What the sampler needs from the denoiser (`diamond.models.denoiser.Denoiser`, formulation "ddpm")."""
+    """What the sampler needs from the denoiser (`diamond.world_model.denoiser.Denoiser`, formulation "ddpm")."""
 
     alphas_cumprod: Tensor  # (T,) float32
 

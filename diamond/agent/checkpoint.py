@@ -3,7 +3,7 @@
 Written by `train-agent` (and by `stages/import_official.py` from official weights), read by
 `evaluate`, and by `train-agent --init-agent` to continue training. A dict:
   format, game, seed, num_actions, params (YAML names), actor_critic (weights),
-  world_model (the `diamond.world_model` checkpoint state), plus what the writer adds
+  world_model (the `diamond.world_model.model` checkpoint state), plus what the writer adds
   (the importer adds `imported_from`: the source file and its sha256).
 """
 

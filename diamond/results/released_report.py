@@ -3,7 +3,7 @@
 Per game: the released agent's mean return over its test episodes (with a bootstrap interval
 over episodes) against the paper's five per-seed scores for DIAMOND (reference_data): is it
 inside the published seeds' range? Then the aggregates (human-normalized, stratified bootstrap,
-from `diamond.report`) of both, over the games the released agents were evaluated on.
+from `diamond.results.report`) of both, over the games the released agents were evaluated on.
 
 The files are written even with no released run (a one-line note), because pipelines declare a
 fixed set of outputs.
@@ -24,9 +24,9 @@ import numpy as np  # noqa: E402
 from scipy.stats import bootstrap  # noqa: E402
 
 from diamond.io import atomic_write_bytes  # noqa: E402
-from diamond.metrics import METRIC_LABELS, METRICS, MethodAggregates  # noqa: E402
-from diamond.report import Report, save_figure  # noqa: E402
-from diamond.scores import MethodScores, RunResult, atari_100k_games, human_normalized  # noqa: E402
+from diamond.results.metrics import METRIC_LABELS, METRICS, MethodAggregates  # noqa: E402
+from diamond.results.report import Report, save_figure  # noqa: E402
+from diamond.results.scores import MethodScores, RunResult, atari_100k_games, human_normalized  # noqa: E402
 
 STEM = "released_vs_paper"
 PAPER_METHOD = "DIAMOND"

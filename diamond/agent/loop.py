@@ -8,7 +8,7 @@ reward/termination model and the actor-critic for their steps per epoch, until t
 real-interaction budget (`total_env_steps`, initial collection included) is spent; then
 `final_epochs_without_collection` epochs train without collecting.
 
-Resume (the scheme of diamond/resume.py, shared with diamond/world_model_loop.py). The whole state (models, optimisers, epoch, step counts, the dataset's episode count,
+Resume (the scheme of diamond/resume.py, shared with diamond/world_model/loop.py). The whole state (models, optimisers, epoch, step counts, the dataset's episode count,
 numpy and torch random states, and the collection in progress: the emulator's state with its
 random state, the unfinished episode's frames and the policy's LSTM state; and, when imagined
 rows go on across updates, the rows in progress) is saved atomically
@@ -35,22 +35,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from diamond.agent import AgentPolicy, compiled_forward, imagination_loss, real_data_loss
-from diamond.collector import Collector
+from diamond.agent.evaluation import test_episode_returns
+from diamond.agent.imagination import ImaginationEnv
+from diamond.agent.policy import AgentPolicy, compiled_forward, imagination_loss, real_data_loss
 from diamond.config import Params
 from diamond.data import EpisodeStore, SegmentSampler
 from diamond.data.resave import training_episodes
 from diamond.data.sampler import denoiser_placement, reward_end_placement
-from diamond.env import make_env
-from diamond.evaluation import test_episode_returns
-from diamond.imagination import ImaginationEnv
+from diamond.env.atari import make_env
+from diamond.env.collector import Collector
 from diamond.io import ArtifactError, atomic_save_torch, load_torch
 from diamond.models.actor_critic import ActorCritic
 from diamond.progress import Progress
 from diamond.resume import RESUME_KEY, curve_csv_bytes, restore_rng_state, rng_state
 from diamond.seeds import AGENT_TEST_ENV, AGENT_TEST_POLICY, AGENT_TRAIN_ENV, derived_seed
 from diamond.training import Trainer, train_steps
-from diamond.world_model import WorldModel
+from diamond.world_model.model import WorldModel
 
 STATE_FILE = "state.pt"
 DATASET_DIR = "dataset"

@@ -17,7 +17,7 @@ import torch
 
 from diamond.data import SegmentSampler
 from diamond.models.reward_end import RewardEndModel
-from diamond.sampler import DiffusionSampler
+from diamond.world_model.sampler import DiffusionSampler
 
 
 @dataclass

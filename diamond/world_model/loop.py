@@ -5,7 +5,7 @@ Trains the denoiser D for `world_model.denoiser_steps` and the reward/terminatio
 count), on the `collect` dataset. The stage train-world-model (stages/train_world_model.py)
 runs it, then measures imagination fidelity and logs to MLflow through `on_row`.
 
-Resume (the scheme of diamond/resume.py, shared with the agent loop in diamond/loop.py): every
+Resume (the scheme of diamond/resume.py, shared with the agent loop in diamond/agent/loop.py): every
 `checkpoint_every_steps` iterations the whole training state (models, AdamW states, step
 counters, torch and numpy random states, the loss curve so far) is written atomically to
 `<out>.partial`, a file beside the output that DVC and Snakemake do not delete. A new run
@@ -36,7 +36,7 @@ from diamond.progress import Progress
 from diamond.resume import RESUME_KEY, curve_csv_bytes, restore_rng_state, resume_key, rng_state
 from diamond.seeds import WORLD_MODEL_SEGMENTS, stream_rng
 from diamond.training import training_step
-from diamond.world_model import WorldModel, build_world_model, load_world_model, read_checkpoint, save_world_model
+from diamond.world_model.model import WorldModel, build_world_model, load_world_model, read_checkpoint, save_world_model
 
 CURVE_FIRST_COLUMNS = ("iteration", "denoiser_steps", "reward_end_steps")
 Row = dict[str, float]

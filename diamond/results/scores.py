@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from diamond.games import REFERENCE_METHODS
+from diamond.env.games import REFERENCE_METHODS
 from diamond.io import ArtifactError, read_json
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference_data"

@@ -20,7 +20,7 @@ import numpy as np
 from rliable import library as rly
 from rliable import metrics as rlm
 
-from diamond.scores import MethodScores, atari_100k_games, human_normalized
+from diamond.results.scores import MethodScores, atari_100k_games, human_normalized
 
 METRICS: tuple[str, ...] = ("median", "iqm", "mean", "optimality_gap")
 METRIC_LABELS = {"median": "Median", "iqm": "IQM", "mean": "Mean", "optimality_gap": "Optimality Gap"}

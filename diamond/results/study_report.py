@@ -1,7 +1,7 @@
-"""Tables and figures of the world-model study (diamond/study.py) from its per-job error arrays.
+"""Tables and figures of the world-model study (diamond/world_model/study.py) from its per-job error arrays.
 
 - a table per metric (MSE, PSNR, SSIM) of the error at each horizon per variant, the mean over
-  seeds and rollouts with a bootstrap CI (`diamond.study.bootstrap_mean_ci`), plus the
+  seeds and rollouts with a bootstrap CI (`diamond.results.study_errors.bootstrap_mean_ci`), plus the
   repeat-last-frame baseline's row (Markdown; CSV in long form);
 - error vs horizon (every step, log x) per variant, the baseline dashed;
 - a strip of frames per variant at the fixed horizons beside the real frames (first seed);
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from diamond.config import StudyConfig
-from diamond.study import METRICS, bootstrap_mean_ci, per_step_means, values_at
+from diamond.results.study_errors import METRICS, bootstrap_mean_ci, per_step_means, values_at
 
 BASELINE = "repeat-last"
 METRIC_LABELS = {"mse": "MSE (lower is better)", "psnr": "PSNR dB (higher is better)", "ssim": "SSIM (higher is better)"}
