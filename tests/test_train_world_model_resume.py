@@ -178,7 +178,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, dataset):
 def test_official_segment_placements_resume_exactly(tmp_path, dataset):
     """With the official placements on (docs/official-parity.md C3, C7, C8; D2's feedback too), 3 steps then 5 equal a
     straight 5-step run: their extra offset draws come from the saved segment stream."""
-    from diamond import world_model_loop as loop
+    from diamond.world_model import loop
 
     def run(out: Path, steps: int) -> tuple[dict, Path | None]:
         d = tiny_params_dict()
