@@ -27,17 +27,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import test_world_model_learning as t  # noqa: E402
 from diamond.config import Params  # noqa: E402
 from diamond.data import SegmentSampler  # noqa: E402
+from diamond.training import training_step  # noqa: E402
 from diamond.world_model.fidelity import open_loop_metrics, reward_end_metrics  # noqa: E402
 from diamond.world_model.model import build_world_model  # noqa: E402
 
-# Network sizes tried, as replacements of the test's denoiser / reward_end sections.
+# Network sizes tried, as replacements of the test's denoiser / reward_end sections ("test": its own).
 VARIANTS: dict[str, dict] = {
     "test": {},
-    "d4x32": dict(channels=[32, 32, 32, 32], depths=[1, 1, 1, 1], attention=[False] * 4, num_groups_channels=32),
     "d2x32": dict(channels=[32, 32], depths=[1, 1], attention=[False] * 2, num_groups_channels=32),
     "d2x16": dict(channels=[16, 16], depths=[1, 1], attention=[False] * 2, num_groups_channels=16),
     "d3x16": dict(channels=[16, 16, 16], depths=[1, 1, 1], attention=[False] * 3, num_groups_channels=16),
-    "r4x16": dict(channels=[16, 16, 16, 16], depths=[1, 1, 1, 1], cond_channels=32, num_groups_channels=16, lstm_dim=64),
     "r3x16": dict(channels=[16, 16, 16], depths=[1, 1, 1], cond_channels=32, num_groups_channels=16, lstm_dim=64),
     "r4x8": dict(channels=[8, 8, 8, 8], depths=[1, 1, 1, 1], cond_channels=32, num_groups_channels=8, lstm_dim=32),
 }
@@ -59,6 +58,11 @@ def curve(model: str, p: Params, store, held, init: int, steps: int, every: int)
     wm = build_world_model(p.world_model, store.num_actions, p.env.obs_size, torch.device("cpu"))
     segments = SegmentSampler(store, np.random.default_rng(init))
     L, T = p.world_model.denoiser.num_conditioning_frames, p.world_model.reward_end.segment_length
+    if model == "denoiser":
+        trainer, loss_fn = wm.denoiser_trainer, wm.denoiser.compute_loss
+        segment_steps = p.world_model.denoiser.training_segment_steps
+    else:
+        trainer, loss_fn, segment_steps = wm.reward_end_trainer, wm.reward_end.compute_loss, T
     trained = 0.0
 
     def report(step: int) -> None:
@@ -79,13 +83,7 @@ def curve(model: str, p: Params, store, held, init: int, steps: int, every: int)
     report(0)
     for step in range(1, steps + 1):
         start = time.perf_counter()
-        if model == "denoiser":
-            batch = segments.sample(t.BATCH, p.world_model.denoiser.training_segment_steps).to_torch("cpu")
-            loss, _ = wm.denoiser.compute_loss(batch)
-            wm.denoiser_trainer.step(loss)
-        else:
-            loss, _ = wm.reward_end.compute_loss(segments.sample(t.BATCH, T).to_torch("cpu"))
-            wm.reward_end_trainer.step(loss)
+        training_step(trainer, loss_fn, segments.sample(t.BATCH, segment_steps).to_torch("cpu"))
         trained += time.perf_counter() - start
         if step % every == 0:
             report(step)
