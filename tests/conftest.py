@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,56 @@ def tiny_params() -> Params:
 @pytest.fixture
 def tiny_params_file(tmp_path: Path) -> Path:
     return write_params(tmp_path / "params.yaml", tiny_params_dict())
+
+
+# Under pytest-xdist (pyproject.toml's addopts: `-n 2 --dist loadscope --no-loadscope-reorder`) a
+# worker takes a whole group at a time (GroupScheduling below), so a module's fixtures are built
+# once: a group is a test file, the files that copy the session's tiny runs go together (built
+# once too), and each learning test is a group of its own (they share no fixture), so the two run
+# side by side. The longest groups start first (durations: docs/results.md, "The test suite's
+# time"); xdist hands a worker its next group while the current one has two tests or fewer left.
+SHARED_TINY_RUNS = {"test_pipeline_dvc", "test_provenance", "test_sharing"}
+OWN_GROUP_PER_TEST = {"test_world_model_learning"}
+LONGEST_FIRST = ["test_world_model_learning::test_reward_model_recalls_minority_classes", "test_slurm", "tiny_runs",
+                 "test_world_model_learning::test_denoiser_beats_repeat_last_frame", "test_pipeline_snakemake",
+                 "test_tracking_server", "test_released", "test_train_agent_resume", "test_bench",
+                 "test_fault_campaign", "test_import_official", "test_train_agent_e2e"]
+# Each worker is one of the two cores: torch in it, and the processes it starts, take one thread.
+UNDER_XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+
+def xdist_group(nodeid: str) -> str:
+    """The group of a test id ("tests/test_x.py::test_y[param]")."""
+    path, _, rest = nodeid.partition("::")
+    name = Path(path).stem
+    if name in OWN_GROUP_PER_TEST:
+        return f"{name}::{rest.split('[')[0]}"
+    return "tiny_runs" if name in SHARED_TINY_RUNS else name
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's loadscope scheduling with the groups above as scopes. (Its loadgroup mode marks
+    the groups by appending to each test's id, which pytest 9 no longer reads: the groups were
+    ignored and the tests spread one by one.)"""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if UNDER_XDIST:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if UNDER_XDIST:  # the workers' order is the order of the groups in xdist's queue
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(xdist_group(item.nodeid), len(rank)))  # stable: file order otherwise

@@ -53,7 +53,7 @@ def with_variant(p: Params, model: str, variant: str, lr: float | None) -> Param
     return dataclasses.replace(p, world_model=wm)
 
 
-def curve(model: str, p: Params, store, held, init: int, steps: int, every: int) -> None:
+def curve(model: str, p: Params, store, held, init: int, steps: int, every: int, batch: int) -> None:
     torch.manual_seed(init)
     wm = build_world_model(p.world_model, store.num_actions, p.env.obs_size, torch.device("cpu"))
     segments = SegmentSampler(store, np.random.default_rng(init))
@@ -83,7 +83,7 @@ def curve(model: str, p: Params, store, held, init: int, steps: int, every: int)
     report(0)
     for step in range(1, steps + 1):
         start = time.perf_counter()
-        training_step(trainer, loss_fn, segments.sample(t.BATCH, segment_steps).to_torch("cpu"))
+        training_step(trainer, loss_fn, segments.sample(batch, segment_steps).to_torch("cpu"))
         trained += time.perf_counter() - start
         if step % every == 0:
             report(step)
@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--inits", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=t.BATCH, help="segments per update (default: the test's)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,9 +107,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store, held = t.random_play(game, Path(tmp), p, heldout)
         print(f"{game}: {t.COLLECT_STEPS} random steps and {heldout} held-out episodes in "
-              f"{time.perf_counter() - start:.1f} s; variant {args.variant}, lr {args.lr or 'test'}", flush=True)
+              f"{time.perf_counter() - start:.1f} s; variant {args.variant}, lr {args.lr or 'test'}, batch {args.batch}", flush=True)
         for init in args.inits:
-            curve(args.model, p, store, held, init, args.steps, args.every)
+            curve(args.model, p, store, held, init, args.steps, args.every, args.batch)
 
 
 if __name__ == "__main__":
