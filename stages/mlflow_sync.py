@@ -28,7 +28,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from stages.tracking import JOURNAL_TAG, PENDING_DIR
 
-from stages.tracking_store import retry_locked
+from stages.tracking_store import experiment_id, retry_locked
 
 BATCH = 500  # MLflow's log_batch accepts up to 1000 metrics, 100 params, 100 tags per call
 
@@ -65,8 +65,7 @@ def find_journals(paths: list[Path]) -> list[Path]:
 def _run_id(client: MlflowClient, start: dict[str, Any]) -> str:
     if start.get("run_id"):
         return start["run_id"]
-    exp = client.get_experiment_by_name(start["experiment"])
-    exp_id = exp.experiment_id if exp else client.create_experiment(start["experiment"])
+    exp_id = experiment_id(client, start["experiment"])
     found = client.search_runs([exp_id], filter_string=f"tags.`{JOURNAL_TAG}` = '{start['journal_id']}'")
     if found:
         return found[0].info.run_id

@@ -31,7 +31,7 @@ import mlflow
 
 from diamond.config import flatten, to_dict
 from stages.run_tags import is_dataclass_instance, run_tags
-from stages.tracking_store import create_sqlite_store, retry_locked, store_lock, tracking_uri
+from stages.tracking_store import create_sqlite_store, experiment_id, retry_locked, store_lock, tracking_uri
 
 EXPERIMENT = "diamond-atari100k"
 PENDING_DIR = ".mlflow_pending"  # beside a stage's outputs: what a lost server did not get
@@ -205,8 +205,8 @@ def stage_run(
         with store_lock(uri):
             create_sqlite_store(uri)
             mlflow.set_tracking_uri(uri)
-            retry_locked(mlflow.set_experiment, experiment)
-            run = retry_locked(mlflow.start_run, run_name=name, tags=tags)
+            exp_id = experiment_id(mlflow.MlflowClient(uri), experiment)
+            run = retry_locked(mlflow.start_run, experiment_id=exp_id, run_name=name, tags=tags)
         start["run_id"] = run.info.run_id
 
     tracker.send({}, begin)  # a server lost here: the journal starts with no run id

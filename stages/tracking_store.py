@@ -62,6 +62,25 @@ def retry_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     raise AssertionError("unreachable")
 
 
+def experiment_id(client: Any, name: str) -> str:
+    """The id of experiment `name` (an MlflowClient's), created if missing. Another process may
+    create it between the lookup and the creation (parallel first jobs on a new server): the
+    creation then fails with RESOURCE_ALREADY_EXISTS and the lookup is repeated.
+    (`mlflow.set_experiment` returns early in that case without making the experiment active,
+    MLflow 3.17.2 tracking/fluent.py, so the next `mlflow.start_run` went to experiment 0.)"""
+    from mlflow.exceptions import MlflowException
+
+    found = retry_locked(client.get_experiment_by_name, name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return retry_locked(client.create_experiment, name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return retry_locked(client.get_experiment_by_name, name).experiment_id
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 

@@ -236,3 +236,31 @@ def test_unreachable_tracking_server_fails_the_stage_at_once_in_one_line(tmp_pat
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
     assert lines[0].startswith("error: MLFLOW_TRACKING_URI http://127.0.0.1:9: no MLflow server answers")
     assert not (tmp_path / "out").exists()  # no work done, nothing written
+
+
+def test_a_lost_experiment_creation_race_still_names_the_experiment(tmp_path: Path) -> None:
+    """Parallel first jobs on a new store: another process creates the experiment between this
+    one's lookup and its creation. The id is still the experiment's (mlflow.set_experiment left
+    no active experiment then, and the run went to experiment 0)."""
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    class LosesTheRace:
+        """This process's view: its first lookup finds nothing, then the other process creates it."""
+
+        def __init__(self) -> None:
+            self.lookups = 0
+
+        def get_experiment_by_name(self, name: str):
+            self.lookups += 1
+            if self.lookups == 1:
+                store.create_experiment(name)  # the other process, just after this lookup
+                return None
+            return store.get_experiment_by_name(name)
+
+        def create_experiment(self, name: str) -> str:
+            return store.create_experiment(name)
+
+    client = LosesTheRace()
+    exp_id = tracking_store.experiment_id(client, "diamond-atari100k")
+    assert exp_id == store.get_experiment_by_name("diamond-atari100k").experiment_id != "0"
+    assert client.lookups == 2
