@@ -90,7 +90,7 @@ def end_first_attempt_at_its_first_epoch(cluster: Cluster, repo: Path, pipeline:
 def test_time_limit_kill_is_retried_and_resumes_to_the_uninterrupted_result(cluster: Cluster, tmp_path: Path) -> None:
     params = slow_agent_params()
     repo, ref = make_repo(tmp_path / "slurm", params), make_repo(tmp_path / "local", params)
-    # the uninterrupted reference runs locally meanwhile, on the machine's other core
+    # the uninterrupted reference runs locally meanwhile (beside the SLURM job)
     reference = subprocess.Popen(["snakemake", "-j", "1"], cwd=ref, env=tool_env(tmp_path / "local.db"),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  start_new_session=True)
