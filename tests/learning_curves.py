@@ -98,11 +98,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--batch", type=int, default=t.BATCH, help="segments per update (default: the test's)")
+    ap.add_argument("--game", default=None, help="the game to learn (default: the test's)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     p = with_variant(t.learning_params(), args.model, args.variant, args.lr)
     game, heldout = (t.GAME, 2) if args.model == "denoiser" else (t.REWARD_GAME, 12)
+    game = args.game or game
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         store, held = t.random_play(game, Path(tmp), p, heldout)
