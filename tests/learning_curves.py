@@ -6,8 +6,8 @@ several initialisations, with the seconds spent training. Run from the repositor
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python tests/learning_curves.py reward --variant test --inits 0 1
 
 `--variant` picks a network size (VARIANTS below; "test" is what the test trains), `--lr` the
-learning rate. Curves measured with it: docs/results.md, "The learning tests' curves at a smaller
-denoiser".
+learning rate, `--batch` the segments per update, `--game` another game. Curves measured with it:
+docs/results.md, the sections "The learning tests' curves ...".
 """
 
 from __future__ import annotations
