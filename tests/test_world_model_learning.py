@@ -11,8 +11,8 @@ Why two games: on Boxing R leaves the majority class abruptly, after a number of
 depends on the initialisation (600 for one init, none by 1,000 for another: its reward events
 are score digits a few pixels wide at 32x32, the opponent's next to the ticking clock); on
 Frostbite a reward turns a whole ice-floe row from white to blue, and R learns it within the
-budget. Both run in every suite (slow, ~4 minutes each on one thread; the suite's pytest-xdist
-workers run the two side by side). The R figures here were measured when R still resized its
+budget. Both run in every suite (slow, on one thread: D ~3.5 minutes, R ~6; the suite's
+pytest-xdist workers run the two side by side). The R figures here were measured when R still resized its
 4x4 encoder map to 8x8 before the LSTM. Curves of both, with their seconds:
 tests/learning_curves.py (docs/results.md, "The learning tests' curves").
 """
