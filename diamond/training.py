@@ -67,12 +67,27 @@ class Trainer:
     def __init__(self, model: nn.Module, opt_cfg: OptimizerConfig) -> None:
         self.model = model
         self.cfg = opt_cfg
-        decay, no_decay = weight_decay_groups(model)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": opt_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=opt_cfg.lr, eps=opt_cfg.eps, foreach=True,
-        )
         self.num_steps = 0
+        # AdamW is built on first use: constructing a torch optimiser imports torch._dynamo
+        # (~1.4 s of CPU), which a stage that only loads a checkpoint to run the model (evaluate,
+        # play, export) never needs. A state loaded before then waits in `_saved_state`.
+        self._optimizer: torch.optim.AdamW | None = None
+        self._saved_state: dict[str, Any] | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.AdamW:
+        if self._optimizer is None:
+            decay, no_decay = weight_decay_groups(self.model)
+            self._optimizer = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=self.cfg.lr, eps=self.cfg.eps, foreach=True,
+            )
+            if self._saved_state is not None:
+                self._optimizer.load_state_dict(self._saved_state)
+                for group in self._optimizer.param_groups:  # a saved group's settings replace ours, foreach too
+                    group["foreach"] = True
+                self._saved_state = None
+        return self._optimizer
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step `step` (0-based): lr * min(1, (step + 1) / warmup_steps),
@@ -97,21 +112,24 @@ class Trainer:
         return {"grad_norm": float(grad_norm), "lr": lr}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "num_steps": self.num_steps}
+        if self._optimizer is None and self._saved_state is not None:
+            optimizer = self._saved_state  # loaded and never stepped since: saved back as it came
+        else:
+            optimizer = self.optimizer.state_dict()
+        return {"optimizer": optimizer, "num_steps": self.num_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the AdamW state; one saved with another group layout (e.g. the former single
-        group that decayed every parameter) is a one-line ArtifactError."""
+        """Restore the AdamW state (into the optimiser when it is built); one saved with another
+        group layout (e.g. the former single group that decayed every parameter) is a one-line
+        ArtifactError."""
         saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
-        expected = [len(g["params"]) for g in self.optimizer.param_groups]
+        expected = [len(group) for group in weight_decay_groups(self.model)]
         if saved != expected:
             raise ArtifactError(
                 f"optimizer state has parameter groups of sizes {saved}, this model's (decayed, not decayed) "
                 f"groups have {expected}: it was saved by an older version or for another model; retrain"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:  # a saved group's settings replace ours, foreach too
-            group["foreach"] = True
+        self._optimizer, self._saved_state = None, state["optimizer"]
         self.num_steps = int(state["num_steps"])
 
 

@@ -75,19 +75,23 @@ def tiny_params_file(tmp_path: Path) -> Path:
     return write_params(tmp_path / "params.yaml", tiny_params_dict())
 
 
-# Under pytest-xdist (pyproject.toml's addopts: `-n 2 --dist loadscope --no-loadscope-reorder`) a
+# Under pytest-xdist (pyproject.toml's addopts: `-n 3 --dist loadscope --no-loadscope-reorder`) a
 # worker takes a whole group at a time (GroupScheduling below), so a module's fixtures are built
 # once: a group is a test file, the files that copy the session's tiny runs go together (built
 # once too), and each learning test is a group of its own (they share no fixture), so the two run
 # side by side. The longest groups start first (durations: docs/results.md, "The test suite's
-# time"); xdist hands a worker its next group while the current one has two tests or fewer left.
+# time"; tests/test_suite_groups.py checks that each name still exists); xdist hands a worker its
+# next group while the current one has two tests or fewer left. Three workers on two cores: the
+# SLURM test and the MLflow server tests spend half their time waiting (polling, server starts),
+# and the third worker fills that time.
 SHARED_TINY_RUNS = {"test_pipeline_dvc", "test_provenance", "test_sharing"}
 OWN_GROUP_PER_TEST = {"test_world_model_learning"}
-LONGEST_FIRST = ["test_world_model_learning::test_reward_model_recalls_minority_classes", "test_slurm", "tiny_runs",
-                 "test_world_model_learning::test_denoiser_beats_repeat_last_frame", "test_pipeline_snakemake",
-                 "test_tracking_server", "test_released", "test_train_agent_resume", "test_bench",
-                 "test_fault_campaign", "test_import_official", "test_train_agent_e2e"]
-# Each worker is one of the two cores: torch in it, and the processes it starts, take one thread.
+LONGEST_FIRST = ["test_slurm", "tiny_runs", "test_world_model_learning::test_denoiser_beats_repeat_last_frame",
+                 "test_pipeline_snakemake", "test_world_model_learning::test_reward_model_puts_rewards_where_the_real_ones_are",
+                 "test_tracking_server", "test_train_agent_resume", "test_released", "test_bench", "test_fault_campaign",
+                 "test_export_official", "test_import_official", "test_compiled_step", "test_train_agent_e2e",
+                 "test_gpu_smoke", "test_study", "test_imagination"]
+# Torch in a worker, and the processes it starts, take one thread: the workers share the cores.
 UNDER_XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 
 

@@ -3,7 +3,7 @@ pytest): the same data, networks and metrics as the tests, evaluated every `--ev
 several initialisations, with the seconds spent training. Run from the repository root, e.g.
 
     OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python tests/learning_curves.py denoiser --inits 0 1 2
-    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python tests/learning_curves.py reward --variant test --inits 0 1
+    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python tests/learning_curves.py reward --variant test --inits 0 1 2 3 --steps 600 --every 50
 
 `--variant` picks a network size (VARIANTS below; "test" is what the test trains), `--lr` the
 learning rate, `--batch` the segments per update, `--game` another game. Curves measured with it:
@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import test_world_model_learning as t  # noqa: E402
 from diamond.config import Params  # noqa: E402
 from diamond.data import SegmentSampler  # noqa: E402
-from diamond.training import training_step  # noqa: E402
+from diamond.training import apply_speed_switches, training_step  # noqa: E402
 from diamond.world_model.fidelity import open_loop_metrics, reward_end_metrics  # noqa: E402
+from diamond.world_model.loop import init_reward_end_priors  # noqa: E402
 from diamond.world_model.model import build_world_model  # noqa: E402
 
 # Network sizes tried, as replacements of the test's denoiser / reward_end sections ("test": its own).
@@ -54,8 +55,11 @@ def with_variant(p: Params, model: str, variant: str, lr: float | None) -> Param
 
 
 def curve(model: str, p: Params, store, held, init: int, steps: int, every: int, batch: int) -> None:
+    # started as the tests start it (t.fresh_world_model), from torch seed `init`
     torch.manual_seed(init)
     wm = build_world_model(p.world_model, store.num_actions, p.env.obs_size, torch.device("cpu"))
+    init_reward_end_priors(wm, store)
+    apply_speed_switches(p, (wm.denoiser, wm.reward_end), None)
     segments = SegmentSampler(store, np.random.default_rng(init))
     L, T = p.world_model.denoiser.num_conditioning_frames, p.world_model.reward_end.segment_length
     if model == "denoiser":
@@ -76,8 +80,11 @@ def curve(model: str, p: Params, store, held, init: int, steps: int, every: int,
             rep = reward_end_metrics(wm.reward_end, held, T, torch.device("cpu"))
             wm.reward_end.train()
             rew, end = rep["reward"], rep["termination"]
-            figure = (f"reward recall pos {rew['recall']['positive']:.3f} zero {rew['recall']['zero']:.3f} "
-                      f"(support {rew['support']['positive']}); end recall {end['recall']['end']}")
+            figure = (f"reward: sampled recall {rew['sampled_recall']['positive']:.3f} false rate "
+                      f"{rew['sampled_false_rate']['positive']:.4f} log loss/constant "
+                      f"{rew['log_loss'] / rew['log_loss_constant']:.3f} recall {rew['recall']['positive']:.3f} "
+                      f"zero {rew['recall']['zero']:.3f} (support {rew['support']['positive']}); "
+                      f"end: sampled recall {end['sampled_recall']['end']:.3f} recall {end['recall']['end']}")
         print(f"init {init} step {step:5d} train {trained:7.1f} s  {figure}", flush=True)
 
     report(0)

@@ -69,6 +69,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri,
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as tests/test_tracking_server.py
     )
     try:
         wait_for(f"http://127.0.0.1:{port}/health", server)

@@ -23,6 +23,10 @@ from stages.tracking import EXPERIMENT
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
+# MLflow 3's server also starts job runners (huey consumers, for its GenAI jobs): the pipeline
+# submits no job, and each runner costs seconds of CPU, so the tests' servers run without them.
+WITHOUT_SERVER_JOBS = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,6 +43,7 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
          "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
          "--artifacts-destination", str(root / "artifacts")],
         cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "a"), start_new_session=True,
+        env=WITHOUT_SERVER_JOBS,
     )
     deadline = time.time() + 120
     while True:

@@ -11,7 +11,11 @@
   its episode's end, so each step reports how many rollouts reached it.
 - Reward/termination: R run on the real held-out transitions, in windows of its training segment
   length (fresh LSTM state, as in training); accuracy, per-class recall and the majority-class
-  accuracy for comparison.
+  accuracy for comparison. Imagination does not take R's most likely class but samples it
+  (official src/envs/world_model_env.py), so the report also gives, per class, the probability R
+  puts on that class where it happened (the expected share of those steps a sample gets right)
+  and where it did not, and R's log loss beside that of the best constant predictor of these
+  data (the entropy of their class frequencies).
 - A side-by-side GIF (real | imagined) of one open-loop rollout.
 """
 
@@ -187,15 +191,24 @@ def open_loop_metrics(
     return {"num_rollouts": int(len(valid)), "horizon": horizon, "per_step": per_step, "horizons": summary}
 
 
-def classification_report(pred: np.ndarray, target: np.ndarray, names: tuple[str, ...]) -> dict[str, Any]:
-    """Accuracy, per-class recall (None for a class absent from the targets) and supports."""
-    recall, support = {}, {}
+def classification_report(probs: np.ndarray, target: np.ndarray, names: tuple[str, ...]) -> dict[str, Any]:
+    """From R's class probabilities (N, classes) and the true classes (N,): accuracy, per-class
+    recall of the most likely class, and what sampling from R gives (module docstring). A class
+    absent from the targets gets None where it has no steps to average over."""
+    pred = probs.argmax(-1)
+    recall, support, sampled_recall, sampled_false_rate = {}, {}, {}, {}
     for c, name in enumerate(names):
-        n = int((target == c).sum())
+        here = target == c
+        n = int(here.sum())
         support[name] = n
-        recall[name] = float((pred[target == c] == c).mean()) if n else None
-    majority = int(np.bincount(target, minlength=len(names)).argmax()) if len(target) else 0
+        recall[name] = float((pred[here] == c).mean()) if n else None
+        sampled_recall[name] = float(probs[here, c].mean()) if n else None
+        sampled_false_rate[name] = float(probs[~here, c].mean()) if n < len(target) else None
+    counts = np.bincount(target, minlength=len(names))
+    majority = int(counts.argmax()) if len(target) else 0
     present = [r for r in recall.values() if r is not None]
+    freq = counts[counts > 0] / max(len(target), 1)
+    log_loss = float(-np.log(np.clip(probs[np.arange(len(target)), target], 1e-12, None)).mean()) if len(target) else None
     return {
         "accuracy": float((pred == target).mean()) if len(target) else None,
         "majority_class_accuracy": float((target == majority).mean()) if len(target) else None,
@@ -203,27 +216,31 @@ def classification_report(pred: np.ndarray, target: np.ndarray, names: tuple[str
         "recall": recall,
         "support": support,
         "predicted": {name: int((pred == c).sum()) for c, name in enumerate(names)},
+        "sampled_recall": sampled_recall,
+        "sampled_false_rate": sampled_false_rate,
+        "log_loss": log_loss,
+        "log_loss_constant": float(-(freq * np.log(freq)).sum()) if len(target) else None,
     }
 
 
 @torch.no_grad()
 def reward_end_metrics(model: RewardEndModel, episodes: list[Episode], segment_length: int, device: torch.device) -> dict[str, Any]:
     model.eval()
-    preds_r, preds_e, targets_r, targets_e = [], [], [], []
+    probs_r, probs_e, targets_r, targets_e = [], [], [], []
     for ep in episodes:
         for lo in range(0, ep.num_steps, segment_length):
             hi = min(lo + segment_length, ep.num_steps)
             frames = to_float(ep.obs[lo : hi + 1], device)[None]
             act = torch.from_numpy(ep.act[lo:hi]).to(device)[None]
             logits_r, logits_e, _ = model(frames[:, :-1], act, frames[:, 1:])
-            preds_r.append(logits_r.argmax(-1).flatten().cpu().numpy())
-            preds_e.append(logits_e.argmax(-1).flatten().cpu().numpy())
+            probs_r.append(logits_r.double().softmax(-1).flatten(0, 1).cpu().numpy())
+            probs_e.append(logits_e.double().softmax(-1).flatten(0, 1).cpu().numpy())
             targets_r.append(reward_classes(torch.from_numpy(ep.rew[lo:hi])).numpy())
             targets_e.append(ep.terminated[lo:hi].astype(np.int64))
     assert NUM_REWARD_CLASSES == len(REWARD_CLASS_NAMES) and NUM_END_CLASSES == len(END_CLASS_NAMES)
     return {
-        "reward": classification_report(np.concatenate(preds_r), np.concatenate(targets_r), REWARD_CLASS_NAMES),
-        "termination": classification_report(np.concatenate(preds_e), np.concatenate(targets_e), END_CLASS_NAMES),
+        "reward": classification_report(np.concatenate(probs_r), np.concatenate(targets_r), REWARD_CLASS_NAMES),
+        "termination": classification_report(np.concatenate(probs_e), np.concatenate(targets_e), END_CLASS_NAMES),
     }
 
 
@@ -276,7 +293,8 @@ def measure_fidelity(
 
 
 def summary_metrics(fidelity: dict[str, Any]) -> dict[str, float]:
-    """Flat numbers for MLflow: per-horizon PSNR/MSE (model and baseline), R's accuracy and recalls."""
+    """Flat numbers for MLflow: per-horizon PSNR/MSE (model and baseline), R's accuracy, recalls
+    (most likely class and sampled) and log losses."""
     flat: dict[str, float] = {}
     for h, m in fidelity["open_loop"]["horizons"].items():
         for k in ("mse", "mse_repeat_last", "psnr", "psnr_repeat_last", "mse_ratio_to_repeat_last"):
@@ -284,10 +302,11 @@ def summary_metrics(fidelity: dict[str, Any]) -> dict[str, float]:
                 flat[f"fidelity/h{h}/{k}"] = m[k]
     for head in ("reward", "termination"):
         rep = fidelity["reward_end"][head]
-        for k in ("accuracy", "majority_class_accuracy", "balanced_recall"):
+        for k in ("accuracy", "majority_class_accuracy", "balanced_recall", "log_loss", "log_loss_constant"):
             if rep[k] is not None:
                 flat[f"fidelity/{head}/{k}"] = rep[k]
-        for name, r in rep["recall"].items():
-            if r is not None:
-                flat[f"fidelity/{head}/recall_{name}"] = r
+        for per_class in ("recall", "sampled_recall"):
+            for name, r in rep[per_class].items():
+                if r is not None:
+                    flat[f"fidelity/{head}/{per_class}_{name}"] = r
     return flat
