@@ -18,9 +18,10 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class ArtifactError(ValueError):
@@ -92,6 +93,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_save_torch(path: str | Path, obj: Any) -> None:
+    import torch  # here, not at the top: the stages that write no checkpoint (aggregate) start ~1 s sooner
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -102,6 +105,8 @@ def load_torch(path: str | Path, map_location: str | torch.device = "cpu", weigh
 
     `weights_only` for files from elsewhere (e.g. downloaded official weights): tensors and plain
     containers only, no arbitrary unpickling."""
+    import torch  # as in atomic_save_torch
+
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: checkpoint not found")

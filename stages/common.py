@@ -9,15 +9,16 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from diamond.config import ConfigError, Params, load_params, to_dict
 from diamond.env.games import ATARI_100K_GAMES
 from diamond.io import ArtifactError
 from stages.stage_params import STAGE_PARAMS
 from stages.tracking import is_remote, server_problem
+
+if TYPE_CHECKING:
+    import torch
 
 
 def base_parser(description: str, per_run: bool = True) -> argparse.ArgumentParser:
@@ -82,6 +83,8 @@ def forget_provenance(job_dir: Path, stage: str) -> None:
 
 
 def resolve_device(params: Params) -> torch.device:
+    import torch  # here: aggregate, which runs no network, then starts without torch (~1 s)
+
     if params.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if params.device == "cuda" and not torch.cuda.is_available():

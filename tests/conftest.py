@@ -83,7 +83,7 @@ def tiny_params_file(tmp_path: Path) -> Path:
 # time"; tests/test_suite_groups.py checks that each name still exists); xdist hands a worker its
 # next group while the current one has two tests or fewer left. Three workers on two cores: the
 # SLURM test and the MLflow server tests spend half their time waiting (polling, server starts),
-# and the third worker fills that time.
+# and the third worker fills that time (four: slower, docs/results.md).
 SHARED_TINY_RUNS = {"test_pipeline_dvc", "test_provenance", "test_sharing"}
 OWN_GROUP_PER_TEST = {"test_world_model_learning"}
 LONGEST_FIRST = ["test_slurm", "tiny_runs", "test_world_model_learning::test_denoiser_beats_repeat_last_frame",
