@@ -112,7 +112,7 @@ class Trainer:
         return {"grad_norm": float(grad_norm), "lr": lr}
 
     def state_dict(self) -> dict[str, Any]:
-        if self._optimizer is None and self._saved_state is not None:
+        if self._saved_state is not None:
             optimizer = self._saved_state  # loaded and never stepped since: saved back as it came
         else:
             optimizer = self.optimizer.state_dict()

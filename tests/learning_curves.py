@@ -27,10 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import test_world_model_learning as t  # noqa: E402
 from diamond.config import Params  # noqa: E402
 from diamond.data import SegmentSampler  # noqa: E402
-from diamond.training import apply_speed_switches, training_step  # noqa: E402
+from diamond.training import training_step  # noqa: E402
 from diamond.world_model.fidelity import open_loop_metrics, reward_end_metrics  # noqa: E402
-from diamond.world_model.loop import init_reward_end_priors  # noqa: E402
-from diamond.world_model.model import build_world_model  # noqa: E402
 
 # Network sizes tried, as replacements of the test's denoiser / reward_end sections ("test": its own).
 VARIANTS: dict[str, dict] = {
@@ -55,11 +53,7 @@ def with_variant(p: Params, model: str, variant: str, lr: float | None) -> Param
 
 
 def curve(model: str, p: Params, store, held, init: int, steps: int, every: int, batch: int) -> None:
-    # started as the tests start it (t.fresh_world_model), from torch seed `init`
-    torch.manual_seed(init)
-    wm = build_world_model(p.world_model, store.num_actions, p.env.obs_size, torch.device("cpu"))
-    init_reward_end_priors(wm, store)
-    apply_speed_switches(p, (wm.denoiser, wm.reward_end), None)
+    wm = t.fresh_world_model(p, store, seed=init)
     segments = SegmentSampler(store, np.random.default_rng(init))
     L, T = p.world_model.denoiser.num_conditioning_frames, p.world_model.reward_end.segment_length
     if model == "denoiser":

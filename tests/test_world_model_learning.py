@@ -105,13 +105,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def fresh_world_model(p: Params, store: EpisodeStore) -> WorldModel:
+def fresh_world_model(p: Params, store: EpisodeStore, seed: int = 0) -> WorldModel:
     """A world model as train-world-model starts one on params.yaml's small path
     (diamond/world_model/loop.py start_or_resume): torch seeded, R's heads at the dataset's class
     frequencies (world_model.reward_end_prior_init), then the stages' speed switches
     (channels_last: NHWC convolutions, the same results up to rounding)."""
     assert p.world_model.reward_end_prior_init and p.channels_last
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     wm = build_world_model(p.world_model, store.num_actions, p.env.obs_size, torch.device("cpu"))
     init_reward_end_priors(wm, store)
     apply_speed_switches(p, (wm.denoiser, wm.reward_end), None)
