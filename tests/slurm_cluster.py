@@ -75,6 +75,7 @@ class Cluster:
     partition: str = "debug"
     cpus: int = 2
     shards: int = 0  # GPU shards on the node (count-only GRES), none by default
+    ctld_debug: str = "info"  # slurmctld's log level; debug2 logs each periodic time-limit check
     node: str = field(default_factory=socket.gethostname)
     procs: list[subprocess.Popen] = field(default_factory=list)
     lock: object = None
@@ -82,6 +83,10 @@ class Cluster:
     @property
     def conf(self) -> Path:
         return self.root / "slurm.conf"
+
+    @property
+    def ctld_log(self) -> Path:
+        return self.root / "log" / "slurmctld.log"
 
     @property
     def env(self) -> dict[str, str]:
@@ -115,7 +120,9 @@ StateSaveLocation={r / 'ctld'}
 SlurmdSpoolDir={r / 'spool'}
 SlurmctldPidFile={r / 'slurmctld.pid'}
 SlurmdPidFile={r / 'slurmd.pid'}
-SlurmctldDebug=info
+SlurmctldDebug={self.ctld_debug}
+# timestamped lines (LogTimeFormat iso8601_ms, the default)
+SlurmctldLogFile={self.ctld_log}
 SlurmdDebug=info
 # no cgroups: track job processes through /proc, bind no tasks
 ProctrackType=proctrack/linuxproc
@@ -142,10 +149,10 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory}{gre
 PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """)
 
-    def _spawn(self, *cmd: str) -> None:
-        """Start a daemon in the foreground, logging to log/NAME.log (slurmctld -D, slurmd -D log
-        to stderr when slurm.conf names no log file)."""
-        log = open(self.root / "log" / f"{Path(cmd[0]).name}.log", "w")
+    def _spawn(self, *cmd: str, log_name: str | None = None) -> None:
+        """Start a daemon in the foreground, its output to log/NAME.log (slurmd -D logs to stderr
+        when slurm.conf names no log file; slurmctld also writes SlurmctldLogFile, timestamped)."""
+        log = open(self.root / "log" / (log_name or f"{Path(cmd[0]).name}.log"), "w")
         self.procs.append(subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
                                            env={**os.environ, **self.env}, start_new_session=True))
 
@@ -168,7 +175,7 @@ PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE St
                     f"--log-file={m / 'munged.log'}", f"--seed-file={m / 'munged.seed'}")
         self._wait(lambda: (m / "munge.socket").exists(), timeout, "munged did not create its socket")
         # -i: ignore state a previous cluster left (there is none in a fresh directory)
-        self._spawn(which("slurmctld"), "-D", "-i", "-f", str(self.conf))
+        self._spawn(which("slurmctld"), "-D", "-i", "-f", str(self.conf), log_name="slurmctld-stderr.log")
         self._spawn(which("slurmd"), "-D", "-f", str(self.conf))
         self._wait(self.node_idle, timeout, "the node did not come up idle")
 

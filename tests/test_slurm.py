@@ -4,9 +4,13 @@ time limit, the profile's `retries: 1` resubmits it, it resumes from runs/G-S/ag
 every final artifact equals that of an uninterrupted local run of the same params.
 
 The time limit that kills the first attempt is the one an operator sets on a running job
-(`scontrol update JobId=N TimeLimit=0`), set as soon as the job has saved its first epoch: SLURM
-enforces it at its next periodic check (every 30 s), as it would a 1-minute limit given at
-submission, which can only end a job 60-90 s in and so needed a train-agent of minutes.
+(`scontrol update JobId=N TimeLimit=0`). SLURM enforces time limits at a periodic check, every
+30 s (slurmctld's PERIODIC_TIMEOUT, not configurable), and skips suspended jobs. So once the job
+has saved its first epoch the test suspends it (`scontrol suspend`), cuts its limit, and resumes
+it (`scontrol resume`) a second before the next check, which its debug2 log line dates: the job
+runs about a second more and is killed. A job long enough to be sure of meeting a check it did
+not know the time of would need 30 s after its first epoch on the fastest machine, and the
+reference runs it whole too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -29,6 +34,8 @@ pytestmark = pytest.mark.slow
 
 RUN = "runs/Breakout-0"
 STATE = Path(RUN) / "agent_state" / STATE_FILE  # written after each epoch (checkpoint_every_epochs 1)
+CHECK_PERIOD = 30.0  # slurmctld's periodic time-limit check (PERIODIC_TIMEOUT, src/slurmctld/controller.c)
+RESUME_LEAD = 1.0  # seconds the job runs again before that check
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +43,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     reason = why_unavailable()
     if reason:
         pytest.skip(reason)
-    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    c = Cluster(tmp_path_factory.mktemp("slurm"), ctld_debug="debug2")
     try:
         c.start()
         yield c
@@ -45,12 +52,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def slow_agent_params() -> dict:
-    """The tiny pipeline, but a train-agent stage of ~45 epochs of ~1.5 s on one quiet CPU core
-    (~68 s), each checkpointed: the first attempt's limit is cut once epoch 1 is saved, and
-    SLURM's next check (at most 30 s later) comes before the last epoch even on a machine twice
-    as fast. The reference and the SLURM job each run it whole: it is most of this test's CPU."""
+    """The tiny pipeline, but a train-agent stage of ~12 epochs of ~1.5 s on one quiet CPU core,
+    each checkpointed: the first attempt is suspended once epoch 1 is saved and runs about a second
+    more before SLURM kills it, so it ends mid-run even on a machine several times as fast."""
     d = pipeline_params(seeds=[0])
-    d["agent"].update(final_epochs_without_collection=42, denoiser_steps_per_epoch=20,
+    d["agent"].update(final_epochs_without_collection=9, denoiser_steps_per_epoch=20,
                       reward_end_steps_per_epoch=10, actor_critic_steps_per_epoch=20, checkpoint_every_epochs=1)
     return d
 
@@ -73,19 +79,48 @@ def running_train_agent_job(cluster: Cluster) -> str | None:
     return ids[0] if ids else None
 
 
-def end_first_attempt_at_its_first_epoch(cluster: Cluster, repo: Path, pipeline: subprocess.Popen,
-                                         log_path: Path) -> str:
-    """Once train-agent's first attempt has saved an epoch, set its time limit to 0 minutes, as an
-    operator would (`scontrol update`): slurmctld then kills it for TIMEOUT at its next time-limit
-    check. Returns the job id."""
-    while pipeline.poll() is None:
-        job = running_train_agent_job(cluster)
-        if job is not None and (repo / STATE).exists():
-            done = cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=0")
-            assert done.returncode == 0, done.stderr
-            return job
+def job_state(cluster: Cluster, job: str) -> str:
+    return cluster.run("squeue", "--noheader", "--states=all", f"--jobs={job}", "--format=%T").stdout.strip()
+
+
+def scontrol(cluster: Cluster, *args: str) -> None:
+    done = cluster.run("scontrol", *args)
+    assert done.returncode == 0, f"scontrol {' '.join(args)}: {done.stderr}"
+
+
+def next_time_limit_check(cluster: Cluster) -> float:
+    """When slurmctld's next periodic time-limit check is due (epoch seconds): a period after the
+    last one its log dates ("Testing job time limits", debug2, local time); waits for the first."""
+    while True:
+        logged = re.findall(r"^\[(\S+)\] debug2: Testing job time limits", cluster.ctld_log.read_text(), re.M)
+        if logged:
+            return datetime.fromisoformat(logged[-1]).timestamp() + CHECK_PERIOD
         time.sleep(0.5)
-    raise AssertionError(f"the pipeline ended before train-agent saved an epoch:\n{log_path.read_text()[-6000:]}")
+
+
+def end_first_attempt_at_a_time_limit_check(cluster: Cluster, repo: Path, pipeline: subprocess.Popen,
+                                            log_path: Path) -> str:
+    """Once train-agent's first attempt has saved an epoch: suspend it, set its time limit to 0
+    minutes as an operator would, and resume it RESUME_LEAD before slurmctld's next time-limit
+    check, which kills it for TIMEOUT. Should a check come late and the job still run, it is
+    suspended again for the next one. Returns the job id."""
+    while (job := running_train_agent_job(cluster)) is None or not (repo / STATE).exists():
+        if pipeline.poll() is not None:
+            raise AssertionError(f"the pipeline ended before train-agent saved an epoch:\n{log_path.read_text()[-6000:]}")
+        time.sleep(0.5)
+    scontrol(cluster, "suspend", job)
+    scontrol(cluster, "update", f"JobId={job}", "TimeLimit=0")
+    for _ in range(3):
+        while (due := next_time_limit_check(cluster)) - RESUME_LEAD < time.time():
+            time.sleep(0.2)  # too close: the one after
+        time.sleep(max(0.0, due - RESUME_LEAD - time.time()))
+        scontrol(cluster, "resume", job)
+        while job_state(cluster, job) == "RUNNING" and time.time() < due + 5:
+            time.sleep(0.2)
+        if job_state(cluster, job) != "RUNNING":
+            return job
+        scontrol(cluster, "suspend", job)
+    raise AssertionError(f"SLURM did not end job {job} at three time-limit checks:\n{cluster.logs()}")
 
 
 def test_time_limit_kill_is_retried_and_resumes_to_the_uninterrupted_result(cluster: Cluster, tmp_path: Path) -> None:
@@ -101,7 +136,7 @@ def test_time_limit_kill_is_retried_and_resumes_to_the_uninterrupted_result(clus
         pipeline = subprocess.Popen(slurm_command(), cwd=repo, env={**tool_env(tmp_path / "slurm.db"), **cluster.env},
                                     stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        cut = end_first_attempt_at_its_first_epoch(cluster, repo, pipeline, log_path)
+        cut = end_first_attempt_at_a_time_limit_check(cluster, repo, pipeline, log_path)
         pipeline.wait(timeout=2400)
         out = log_path.read_text()
         assert pipeline.returncode == 0, out[-4000:]
@@ -117,7 +152,7 @@ def test_time_limit_kill_is_retried_and_resumes_to_the_uninterrupted_result(clus
     # the first train-agent job was killed by SLURM's time limit, the retry resumed and finished
     killed = re.findall(r"SLURM-job '(\d+)' failed, SLURM status is: 'TIMEOUT'", out)
     assert killed == [cut], out[-6000:]
-    assert f"Time limit exhausted for JobId={killed[0]}" in (cluster.root / "log" / "slurmctld.log").read_text()
+    assert f"Time limit exhausted for JobId={killed[0]}" in cluster.ctld_log.read_text()
     log = (repo / "logs/train_agent/Breakout-0.log").read_text()
     resumed = re.search(r"resumed from \S+ at epoch (\d+)/(\d+)", log)
     assert resumed and 0 < int(resumed[1]) < int(resumed[2]), log[-3000:]

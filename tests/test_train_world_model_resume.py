@@ -198,3 +198,37 @@ def test_official_segment_placements_resume_exactly(tmp_path, dataset):
     for name in ("denoiser", "reward_end"):
         for k in a[name]:
             assert torch.equal(a[name][k], b[name][k]), f"{name}.{k} differs after resume"
+
+
+def test_a_run_killed_between_two_curve_rows_resumes_to_the_same_curve(tmp_path, dataset):
+    """Checkpoints every 3 iterations, a curve row every 2: the run dies at its row of iteration 4,
+    after the checkpoint of iteration 3. The resumed run's row 4 is still the mean over steps 3
+    and 4 (the checkpoint holds step 3's part of it), as in a run never killed."""
+    from diamond.world_model import loop
+
+    class Killed(Exception):
+        pass
+
+    def run(out: Path, kill_at_row: int | None = None) -> tuple[dict, list[dict]]:
+        d = tiny_params_dict()
+        d["world_model"].update(denoiser_steps=6, reward_end_steps=6, checkpoint_every_steps=3, log_every_steps=2)
+        c = params_from_dict(d).world_model
+
+        def on_row(row: dict) -> None:
+            if row["iteration"] == kill_at_row:
+                raise Killed
+
+        r = loop.start_or_resume(c, GAME, 0, EpisodeStore(dataset), num_actions(GAME), 32, out, torch.device("cpu"), on_row)
+        try:
+            loop.train(r)
+        except Killed:
+            return read_checkpoint(loop.partial_path(out)), r.curve.rows
+        return read_checkpoint(out), r.curve.rows
+
+    killed, _ = run(tmp_path / "resumed" / "wm.pt", kill_at_row=4)
+    assert killed["iteration"] == 3 and killed["curve_pending"]["counts"]["denoiser_loss"] == 1
+    (a, rows_a), (b, rows_b) = run(tmp_path / "resumed" / "wm.pt"), run(tmp_path / "straight" / "wm.pt")
+    assert [r["iteration"] for r in rows_a] == [2, 4, 6] and rows_a == rows_b
+    for name in ("denoiser", "reward_end"):
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"{name}.{k} differs after resume"

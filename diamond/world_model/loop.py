@@ -7,8 +7,9 @@ runs it, then measures imagination fidelity and logs to MLflow through `on_row`.
 
 Resume (the scheme of diamond/resume.py, shared with the agent loop in diamond/agent/loop.py): every
 `checkpoint_every_steps` iterations the whole training state (models, AdamW states, step
-counters, torch and numpy random states, the loss curve so far) is written atomically to
-`<out>.partial`, a file beside the output that DVC and Snakemake do not delete. A new run
+counters, torch and numpy random states, the loss curve so far and the part of it not yet
+logged) is written atomically to `<out>.partial`, a file beside the output that DVC and
+Snakemake do not delete. A new run
 resumes from that file, or from an existing `<out>`, when its resume key matches (same
 world_model config apart from step counts and logging, same game, seed and dataset) and it holds
 no more steps than asked; the resumed run continues the same random streams, so it ends with the
@@ -72,13 +73,20 @@ def find_resume(out: Path, key: str, c: WorldModelConfig) -> tuple[Path, dict[st
 
 
 class Curve:
-    """Loss curve rows (means over each logging interval); `on_row` sees each row as it comes."""
+    """Loss curve rows (means over each logging interval); `on_row` sees each row as it comes.
+    `pending` is the interval not yet logged (its sums and counts): a checkpoint taken between two
+    rows holds it, so that the resumed run's next row is the mean over the same steps."""
 
-    def __init__(self, rows: list[Row], on_row: Callable[[Row], None] | None = None) -> None:
+    def __init__(self, rows: list[Row], on_row: Callable[[Row], None] | None = None,
+                 pending: dict[str, dict[str, float]] | None = None) -> None:
         self.rows = rows
         self.on_row = on_row
-        self._sums: dict[str, float] = {}
-        self._counts: dict[str, int] = {}
+        self._sums: dict[str, float] = dict((pending or {}).get("sums", {}))
+        self._counts: dict[str, int] = {k: int(v) for k, v in (pending or {}).get("counts", {}).items()}
+
+    @property
+    def pending(self) -> dict[str, dict[str, float]]:
+        return {"sums": dict(self._sums), "counts": dict(self._counts)}
 
     def add(self, prefix: str, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -126,7 +134,7 @@ class WorldModelRun:
     def state(self) -> dict[str, Any]:
         """What the checkpoint holds besides the world model itself."""
         return {RESUME_KEY: self.key, "iteration": self.iteration, **rng_state({"segment_rng": self.segment_rng}),
-                "curve": self.curve.rows}
+                "curve": self.curve.rows, "curve_pending": self.curve.pending}
 
     def save(self, path: Path) -> None:
         save_world_model(path, self.world_model, self.state())
@@ -150,7 +158,7 @@ def start_or_resume(
     wm = load_world_model(path, device, c, ckpt)
     restore_rng_state(ckpt, {"segment_rng": seg_rng})
     print(f"resumed from {path}: denoiser step {wm.denoiser_steps}, reward_end step {wm.reward_end_steps}")
-    return WorldModelRun(wm, store, seg_rng, Curve(list(ckpt["curve"]), on_row), key, out, device,
+    return WorldModelRun(wm, store, seg_rng, Curve(list(ckpt["curve"]), on_row, ckpt.get("curve_pending")), key, out, device,
                          iteration=int(ckpt["iteration"]), resumed_from=path, label=f"{game}-{seed}")
 
 
