@@ -91,10 +91,14 @@ def scontrol(cluster: Cluster, *args: str) -> None:
 def next_time_limit_check(cluster: Cluster) -> float:
     """When slurmctld's next periodic time-limit check is due (epoch seconds): a period after the
     last one its log dates ("Testing job time limits", debug2, local time); waits for the first."""
+    deadline = time.monotonic() + 2 * CHECK_PERIOD
     while True:
         logged = re.findall(r"^\[(\S+)\] debug2: Testing job time limits", cluster.ctld_log.read_text(), re.M)
         if logged:
             return datetime.fromisoformat(logged[-1]).timestamp() + CHECK_PERIOD
+        if time.monotonic() > deadline:
+            raise AssertionError(f"slurmctld logged no 'Testing job time limits' line in {2 * CHECK_PERIOD:.0f} s "
+                                 f"(SlurmctldDebug=debug2):\n{cluster.logs()}")
         time.sleep(0.5)
 
 
