@@ -119,9 +119,9 @@ def end_first_attempt_at_a_time_limit_check(cluster: Cluster, repo: Path, pipeli
             time.sleep(0.2)  # too close: the one after
         time.sleep(max(0.0, due - RESUME_LEAD - time.time()))
         scontrol(cluster, "resume", job)
-        while job_state(cluster, job) == "RUNNING" and time.time() < due + 5:
+        while (state := job_state(cluster, job)) == "RUNNING" and time.time() < due + 5:
             time.sleep(0.2)
-        if job_state(cluster, job) != "RUNNING":
+        if state != "RUNNING":
             return job
         scontrol(cluster, "suspend", job)
     raise AssertionError(f"SLURM did not end job {job} at three time-limit checks:\n{cluster.logs()}")

@@ -74,6 +74,13 @@ def run_in_process(params: Path, out: Path, dataset: Path) -> None:
     stage.run(ns, load_params(params))
 
 
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two world-model checkpoints hold the same D and R weights, bit for bit."""
+    for name in ("denoiser", "reward_end"):
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), f"{name}.{k} differs after resume"
+
+
 def adam_steps(ckpt: dict, name: str) -> set[int]:
     return {int(s["step"]) for s in ckpt[name]["optimizer"]["state"].values()}
 
@@ -99,9 +106,7 @@ def test_more_steps_resume_exactly(tmp_path, dataset, capsys, monkeypatch):
     for name in ("denoiser_trainer", "reward_end_trainer"):
         assert a[name]["num_steps"] == b[name]["num_steps"] == 5
         assert adam_steps(a, name) == {5}  # the optimiser state continued, not restarted
-    for name in ("denoiser", "reward_end"):
-        for k in a[name]:
-            assert torch.equal(a[name][k], b[name][k]), f"{name}.{k} differs after resume"
+    assert_same_weights(a, b)
     # The curve of the resumed run is whole (iterations 1..5) and equal to the straight run's.
     curve_a = (resumed / "world_model_curve.csv").read_text().splitlines()
     assert curve_a == (straight / "world_model_curve.csv").read_text().splitlines()
@@ -195,9 +200,7 @@ def test_official_segment_placements_resume_exactly(tmp_path, dataset):
     (a, resumed_from), (b, _) = run(tmp_path / "resumed" / "wm.pt", 5), run(tmp_path / "straight" / "wm.pt", 5)
     assert resumed_from == tmp_path / "resumed" / "wm.pt"
     assert a["denoiser_trainer"]["num_steps"] == b["denoiser_trainer"]["num_steps"] == 5
-    for name in ("denoiser", "reward_end"):
-        for k in a[name]:
-            assert torch.equal(a[name][k], b[name][k]), f"{name}.{k} differs after resume"
+    assert_same_weights(a, b)
 
 
 def test_a_run_killed_between_two_curve_rows_resumes_to_the_same_curve(tmp_path, dataset):
@@ -229,6 +232,4 @@ def test_a_run_killed_between_two_curve_rows_resumes_to_the_same_curve(tmp_path,
     assert killed["iteration"] == 3 and killed["curve_pending"]["counts"]["denoiser_loss"] == 1
     (a, rows_a), (b, rows_b) = run(tmp_path / "resumed" / "wm.pt"), run(tmp_path / "straight" / "wm.pt")
     assert [r["iteration"] for r in rows_a] == [2, 4, 6] and rows_a == rows_b
-    for name in ("denoiser", "reward_end"):
-        for k in a[name]:
-            assert torch.equal(a[name][k], b[name][k]), f"{name}.{k} differs after resume"
+    assert_same_weights(a, b)

@@ -81,8 +81,8 @@ class Curve:
                  pending: dict[str, dict[str, float]] | None = None) -> None:
         self.rows = rows
         self.on_row = on_row
-        self._sums: dict[str, float] = dict((pending or {}).get("sums", {}))
-        self._counts: dict[str, int] = {k: int(v) for k, v in (pending or {}).get("counts", {}).items()}
+        self._sums: dict[str, float] = dict(pending["sums"]) if pending else {}
+        self._counts: dict[str, int] = dict(pending["counts"]) if pending else {}
 
     @property
     def pending(self) -> dict[str, dict[str, float]]:
