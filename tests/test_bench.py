@@ -32,9 +32,14 @@ def test_bench_profile_breakdown_adds_up(tmp_path):
     assert parts == pytest.approx(r["profile_step_s"])
     assert min(r["profile_conv_forward_s"], r["profile_conv_backward_s"], r["profile_other_s"]) > 0
     assert 0 < r["profile_other_share"] < 1
-    # Without the rest of the step, the convolutions alone would reach a higher fraction of peak.
-    assert r["profile_conv_only_fraction_of_peak"] > r["train_step_fraction_of_fp32_peak"]
-
+    # The ceiling is the step's FLOPs over the profiled convolution time alone. It is checked against
+    # the same profile, not against the unprofiled step: one profiled step runs with the profiler's
+    # overhead, and on a shared machine the two timings can land either way.
+    conv_s = r["profile_conv_forward_s"] + r["profile_conv_backward_s"]
+    assert r["profile_conv_only_fraction_of_peak"] == pytest.approx(
+        r["train_step_flops"] / conv_s / 1e9 / r["matmul_peak_gflops_fp32"])
+    whole_profiled_step = r["train_step_flops"] / r["profile_step_s"] / 1e9 / r["matmul_peak_gflops_fp32"]
+    assert r["profile_conv_only_fraction_of_peak"] > whole_profiled_step
 
 
 def test_bench_run_projection_adds_up(tmp_path):
