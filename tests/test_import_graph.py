@@ -43,7 +43,7 @@ def test_the_library_imports_no_stage_benchmark_or_pipeline_tool() -> None:
 
 def test_no_import_cycle() -> None:
     graph = project_graph()
-    # Package __init__ files are empty here; an edge to a package is not an edge to its modules.
+    # An edge to a package is an edge to its __init__ (what it imports), not to all its modules.
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
     def visit(node: str, path: list[str]) -> None:
@@ -82,3 +82,16 @@ def test_stage_modules_are_thin_entry_points() -> None:
         lines = len(path.read_text().splitlines())
         assert lines <= STAGE_MAX_LINES, f"{path.relative_to(ROOT)}: {lines} lines; move the logic into diamond/"
         assert not any(isinstance(n, ast.ClassDef) for n in ast.walk(tree)), f"{path.relative_to(ROOT)} defines a class"
+
+
+def test_each_subpackage_says_what_it_is() -> None:
+    """Each package of diamond/ opens with a docstring of at most three lines that says what it
+    is and cites the paper or docs/ for the part of the method it implements."""
+    packages = sorted((ROOT / "diamond").glob("*/__init__.py"))
+    assert len(packages) >= 8  # the walk saw the subpackages
+    for init in packages:
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        name = init.parent.relative_to(ROOT)
+        assert doc, f"{name}/__init__.py has no docstring"
+        assert len(doc.splitlines()) <= 3, f"{name}/__init__.py: a docstring of {len(doc.splitlines())} lines"
+        assert "paper" in doc or "docs/" in doc, f"{name}/__init__.py cites neither the paper nor docs/"
